@@ -1,0 +1,130 @@
+"""What a step does when a gradient holds a NaN or an Inf.
+
+Lion's update is a sign, so a NaN gradient does not announce itself in the loss right away: it turns the
+momentum into NaN and, depending on the kernel, moves the param by +lr or -lr or to NaN. Other Lions differ
+here by accident. We make it a policy:
+
+- "skip": the whole step is skipped on every rank when any rank saw a non-finite gradient (one 1-element
+  all-reduce; on GPU the fused kernel reads the flag on the device, so there is no host sync). Skipped steps
+  are counted and rank 0 warns once.
+- "error": every rank raises `NonFiniteGradientError`; the rank holding the bad gradient names the param.
+- "ignore": no check (fastest); non-finite values propagate into params and momentum.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections import defaultdict
+from collections.abc import Callable, Sequence
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+POLICIES = ("skip", "error", "ignore")
+
+
+class NonFiniteGradientError(ValueError):
+    """A gradient holds a NaN or an Inf and the optimizer's `nonfinite` policy is "error"."""
+
+
+def _distributed() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def _flag_device(grads: Sequence[Tensor]) -> torch.device:
+    device = grads[0].device if grads else torch.device("cpu")
+    if _distributed() and device.type == "cpu" and "gloo" not in str(dist.get_backend()):
+        device = torch.device("cuda", torch.cuda.current_device())  # an NCCL-only group cannot reduce CPU tensors
+    return device
+
+
+def nonfinite_mask(grads: Sequence[Tensor]) -> list[Tensor]:
+    """Per tensor, a 0-dim bool: does it hold a NaN or an Inf? One read of each gradient."""
+    result: list[Tensor] = [torch.zeros((), dtype=torch.bool)] * len(grads)
+    buckets: dict[tuple, list[int]] = defaultdict(list)
+    for i, g in enumerate(grads):
+        if g.numel():
+            buckets[(g.device, g.dtype)].append(i)
+    for index in buckets.values():
+        norms = torch._foreach_norm([grads[i] for i in index], float("inf"))
+        for i, norm in zip(index, norms, strict=True):
+            result[i] = ~torch.isfinite(norm)
+    return result
+
+
+class NonfiniteGuard:
+    """Applies the `nonfinite` policy to one step's local gradients."""
+
+    def __init__(self, policy: str) -> None:
+        if policy not in POLICIES:
+            raise ValueError(f"nonfinite must be one of {POLICIES}, got {policy!r}")
+        self.policy = policy
+        self._skipped: Tensor | None = None
+        self._pending_warning: Tensor | None = None
+        self._warned = False
+
+    @property
+    def skipped_steps(self) -> int:
+        """How many steps were skipped for a non-finite gradient (reading it syncs with the GPU)."""
+        return 0 if self._skipped is None else int(self._skipped)
+
+    def check(self, grads: Sequence[Tensor], describe: Callable[[int], str]) -> bool | Tensor | None:
+        """The step's skip decision: None when not checked, a bool on CPU, a device flag on GPU.
+
+        `describe(i)` names the param of `grads[i]` for the error message. Every rank must call this
+        once per step (it all-reduces), whatever its local gradients.
+        """
+        if self.policy == "ignore":
+            return None
+        self._warn_for_earlier_skip()
+        device = _flag_device(grads)
+        mask = nonfinite_mask(grads)
+        flag = (
+            torch.stack(mask).any().to(device, torch.int32).reshape(1)
+            if mask
+            else torch.zeros(1, dtype=torch.int32, device=device)
+        )
+        if _distributed():
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+
+        if self.policy == "error":
+            if bool(flag):
+                self._raise(mask, describe)
+            return False
+
+        self._skipped = flag.clone() if self._skipped is None else self._skipped + flag
+        if flag.device.type == "cpu":
+            skip = bool(flag)
+            if skip:
+                self._warn_skipped()
+            return skip
+        self._pending_warning = flag.to("cpu", non_blocking=True)
+        return flag
+
+    def _raise(self, mask: Sequence[Tensor], describe: Callable[[int], str]) -> None:
+        rank = dist.get_rank() if _distributed() else 0
+        bad = [describe(i) for i, m in enumerate(mask) if bool(m)]
+        where = f"in {', '.join(bad)} on rank {rank}" if bad else f"on another rank (not on rank {rank})"
+        raise NonFiniteGradientError(
+            f"non-finite gradient (NaN or Inf) {where}. No param or momentum was changed. Usual causes: "
+            "a learning rate that is too high, fp16 overflow without loss scaling, or a bad batch. Use "
+            "Lion(..., nonfinite='skip') to skip such steps instead of stopping."
+        )
+
+    def _warn_for_earlier_skip(self) -> None:
+        if self._pending_warning is not None and bool(self._pending_warning):
+            self._warn_skipped()
+        self._pending_warning = None
+
+    def _warn_skipped(self) -> None:
+        if self._warned or (_distributed() and dist.get_rank() != 0):
+            return
+        self._warned = True
+        warnings.warn(
+            "lion_dist.Lion skipped a step because a gradient held a NaN or an Inf (on some rank); params "
+            "and momentum were left unchanged. This warning is shown once; Lion.skipped_steps counts them. "
+            "Use nonfinite='error' to stop at the first one.",
+            RuntimeWarning,
+            stacklevel=4,
+        )
