@@ -4,7 +4,8 @@ The spec (Chen et al. 2023, arXiv 2302.06675, Program 1), per element, all math 
 
     p <- p * (1 - lr * wd)            (cautious_wd: only where u * p > 0)
     c <- b1 * m + (1 - b1) * g
-    u <- sign(c)                      (sign(0) = 0: zero padding and frozen rows never move)
+    u <- sign(c)                      (sign(0) = 0: zero padding and frozen rows never move;
+                                       NaN where c is NaN or Inf, see below)
     u <- u * s / max(mean(s), 1e-5)   (cautious only: s = 1 where u * g > 0, else the cautious factor)
     p <- p - lr * u
     m <- b2 * m + (1 - b2) * g
@@ -13,6 +14,9 @@ The spec (Chen et al. 2023, arXiv 2302.06675, Program 1), per element, all math 
 Rounding is pinned down so that paths can agree bit for bit: `x * a + y * b` is `fma(y, b, x * a)`
 (torch's `add(y, alpha=b)` and Triton's `tl.fma`), scalars enter the math as fp32, and `mean(s)` is computed
 from the count of aligned elements, which makes it exact and independent of how a tensor is sharded.
+`torch.sign(NaN)` is 0, which would silently freeze a coordinate whose gradient was NaN; every path here
+computes `sign(c) + 0 * c` instead, so a non-finite value becomes a visible NaN in the param (the optimizer's
+`nonfinite` policy normally catches it before the update).
 
 No function here knows about torch.distributed: they take local tensors (see `shards.py`).
 """
@@ -107,7 +111,7 @@ def lion_reference(
         g = -g
 
     c = m.mul(hp.beta1).add_(g, alpha=1 - hp.beta1)
-    u = c.sign()
+    u = c.sign().add_(c * 0)
     if hp.cautious_factor is not None:
         aligned = (u * g) > 0
         if mean is None:
@@ -154,9 +158,10 @@ def _lion_foreach_bucket(
     if hp.maximize:
         g32 = torch._foreach_neg(g32)
 
-    u = list(torch._foreach_mul(m32, hp.beta1))
-    torch._foreach_add_(u, g32, alpha=1 - hp.beta1)
-    torch._foreach_sign_(u)
+    c = torch._foreach_mul(m32, hp.beta1)
+    torch._foreach_add_(c, g32, alpha=1 - hp.beta1)
+    u = list(torch._foreach_sign(c))
+    torch._foreach_add_(u, torch._foreach_mul(c, 0.0))
     if hp.cautious_factor is not None:
         if means is None:
             means = [

@@ -383,7 +383,7 @@ def test_bad_param_group_raises_and_leaves_groups_intact() -> None:
 
 
 def test_complex_params_are_rejected() -> None:
-    with pytest.raises(TypeError, match="complex64.*view_as_real"):
+    with pytest.raises(TypeError, match=r"complex64.*view_as_real"):
         Lion([torch.zeros(2, dtype=torch.complex64, requires_grad=True)])
 
 
@@ -391,7 +391,7 @@ def test_sparse_gradient_is_rejected_at_step() -> None:
     emb = torch.nn.Embedding(10, 3, sparse=True)
     emb(torch.tensor([1, 2])).sum().backward()
     opt = Lion(emb.parameters())
-    with pytest.raises(TypeError, match="sparse gradients.*shape \\(10, 3\\)"):
+    with pytest.raises(TypeError, match=r"sparse gradients.*shape \(10, 3\)"):
         opt.step()
     assert not opt.state
 
