@@ -59,7 +59,7 @@ def global_batch_size(micro_batch_size: int, grad_accum_steps: int = 1, data_par
             raise ValueError(f"{name} must be a positive int, got {value!r}")
     if data_parallel_size is None:
         data_parallel_size = infer_data_parallel_size()
-    if not isinstance(data_parallel_size, int) or data_parallel_size < 1:
+    if not isinstance(data_parallel_size, int) or isinstance(data_parallel_size, bool) or data_parallel_size < 1:
         raise ValueError(f"data_parallel_size must be a positive int, got {data_parallel_size!r}")
     return micro_batch_size * grad_accum_steps * data_parallel_size
 
@@ -75,7 +75,9 @@ class BatchGuard:
         grad_accum_steps: int = 1,
         min_batch_size: int = 64,
         policy: str = "warn",
+        source: str = "global_batch_size",
     ) -> None:
+        """`source` says where `global_batch_size` came from, for the message (e.g. DeepSpeed's arithmetic)."""
         if policy not in POLICIES:
             raise ValueError(f"batch_size_policy must be one of {POLICIES}, got {policy!r}")
         for name, value in (
@@ -91,6 +93,7 @@ class BatchGuard:
         self.grad_accum_steps = grad_accum_steps
         self.min_batch_size = min_batch_size
         self.policy = policy
+        self.source = source
         self.checked = False
 
     def check(self, params: Iterable[torch.Tensor]) -> None:
@@ -99,7 +102,7 @@ class BatchGuard:
             return
         self.checked = True
         if self.global_batch_size is not None:
-            batch, how = self.global_batch_size, "global_batch_size"
+            batch, how = self.global_batch_size, self.source
         elif self.micro_batch_size is not None:
             dp = infer_data_parallel_size(params)
             batch = global_batch_size(self.micro_batch_size, self.grad_accum_steps, dp)

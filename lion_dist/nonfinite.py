@@ -21,6 +21,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from lion_dist import cpu_kernel
+
 POLICIES = ("skip", "error", "ignore")
 
 
@@ -40,13 +42,21 @@ def _flag_device(grads: Sequence[Tensor]) -> torch.device:
 
 
 def nonfinite_mask(grads: Sequence[Tensor]) -> list[Tensor]:
-    """Per tensor, a 0-dim bool: does it hold a NaN or an Inf? One read of each gradient."""
+    """Per tensor, a 0-dim bool: does it hold a NaN or an Inf? One read of each gradient.
+
+    CPU tensors use the fused CPU kernel's check where it is available (one multi-threaded call for all).
+    """
     result: list[Tensor] = [torch.zeros((), dtype=torch.bool)] * len(grads)
     buckets: dict[tuple, list[int]] = defaultdict(list)
     for i, g in enumerate(grads):
         if g.numel():
             buckets[(g.device, g.dtype)].append(i)
-    for index in buckets.values():
+    for (device, _), index in buckets.items():
+        if device.type == "cpu" and (flags := cpu_kernel.nonfinite_flags([grads[i] for i in index])) is not None:
+            if flags.any():  # else every entry stays the shared False
+                for i, flag in zip(index, flags.bool().unbind(), strict=True):
+                    result[i] = flag
+            continue
         norms = torch._foreach_norm([grads[i] for i in index], float("inf"))
         for i, norm in zip(index, norms, strict=True):
             result[i] = ~torch.isfinite(norm)

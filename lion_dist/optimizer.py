@@ -289,7 +289,7 @@ class Lion(Optimizer):
                 state["exp_avg"] = shards.new_momentum(p, group["momentum_dtype"] or p.dtype)
             work.params.append(p)
             work.local_params.append(shards.local(p))
-            work.local_grads.append(shards.local(p.grad))
+            work.local_grads.append(shards.local_grad(p, name))
             work.local_exp_avgs.append(shards.local(state["exp_avg"]))
             work.names.append(name)
         return work

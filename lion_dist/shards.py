@@ -6,10 +6,13 @@ What the engines hand the optimizer:
   `data_ptr()` is 0, so only local tensors may reach a kernel.
 - FSDP1 and DeepSpeed ZeRO 1/2/3: plain tensors that already are this rank's flat partition (FSDP1 with
   `use_orig_params=True`: 1-D views of it, possibly empty with `grad=None`). Nothing to unwrap.
+- DeepSpeed ZeRO 3 calls `step()` once per sub-group with that sub-group's flat partition swapped into the
+  group's `params`; the state is keyed by that tensor, so each sub-group finds its own momentum.
 
 Lion is element-wise, so updating local tensors is the whole sharded step. The one exception is the cautious
 mean, which is over the whole tensor: `sum_over_shards` adds up per-tensor counts over the ranks that hold
-a shard of it.
+a shard of it. Flat partitions (FSDP1, ZeRO) hide the tensor boundaries: there the mean is over the local
+tensor the optimizer holds (the mask is the same; only the 1/mean rescaling differs from unsharded).
 """
 
 from __future__ import annotations
@@ -28,6 +31,35 @@ def local(tensor: Tensor) -> Tensor:
     if isinstance(tensor, DTensor):
         return tensor._local_tensor
     return tensor
+
+
+def local_grad(param: Tensor, name: str) -> Tensor:
+    """This rank's part of `param.grad`, checked to line up element for element with `local(param)`.
+
+    A DTensor param needs a DTensor gradient on the same mesh with the same placements (what FSDP2 and
+    tensor parallelism produce); anything else would pair the wrong elements, so it is refused here.
+    """
+    grad = param.grad
+    if isinstance(param, DTensor):
+        if not isinstance(grad, DTensor):
+            raise ValueError(
+                f"{name} is a DTensor with placements {param.placements}, but its grad is a plain tensor of shape "
+                f"{tuple(grad.shape)}; set a DTensor grad laid out like the param, e.g. "
+                "distribute_tensor(grad, param.device_mesh, param.placements)"
+            )
+        if grad.device_mesh != param.device_mesh or grad.placements != param.placements:
+            raise ValueError(
+                f"{name} has placements {param.placements} on {param.device_mesh}, but its grad has "
+                f"{grad.placements} on {grad.device_mesh}; redistribute the grad first: "
+                "grad.redistribute(param.device_mesh, param.placements)"
+            )
+    local_g = local(grad)
+    if local_g.shape != local(param).shape:
+        raise ValueError(
+            f"{name}: the local gradient has shape {tuple(local_g.shape)}, the local param "
+            f"{tuple(local(param).shape)}; a gradient must match its param element for element"
+        )
+    return local_g
 
 
 def new_momentum(param: Tensor, dtype: torch.dtype) -> Tensor:
@@ -62,8 +94,11 @@ def sum_over_shards(params: Sequence[Tensor], values: Sequence[Tensor]) -> list[
             batches[(p.device_mesh, _sharded_dims(p))].append(i)
     for (mesh, dims), index in batches.items():
         stacked = torch.stack([values[i] for i in index])
+        # CPU-offloaded shards (FSDP2 CPUOffloadPolicy) on a GPU mesh: an NCCL group reduces only GPU tensors.
+        reduced = stacked.to(mesh.device_type) if stacked.device.type != mesh.device_type else stacked
         for dim in dims:
-            dist.all_reduce(stacked, group=mesh.get_group(dim))
+            dist.all_reduce(reduced, group=mesh.get_group(dim))
+        stacked = reduced.to(stacked.device)
         for row, i in enumerate(index):
             result[i] = stacked[row]
     return result

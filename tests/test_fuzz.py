@@ -141,8 +141,8 @@ state_mutations = st.sampled_from(
 
 
 def valid_betas(betas: object) -> bool:
-    return isinstance(betas, (tuple, list)) and len(betas) == 2 and all(
-        isinstance(b, float) and 0 <= b < 1 for b in betas
+    return (
+        isinstance(betas, (tuple, list)) and len(betas) == 2 and all(isinstance(b, float) and 0 <= b < 1 for b in betas)
     )
 
 

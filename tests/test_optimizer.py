@@ -182,8 +182,10 @@ def test_loads_a_lion_pytorch_state_dict() -> None:
     ours = Lion([p.detach().clone().requires_grad_() for p in peer_params])
     ours.load_state_dict(peer.state_dict())
     assert ours.param_groups[0]["lr"] == 3e-3 and ours.param_groups[0]["cautious_factor"] is None
-    assert all(torch.equal(ours.state[q]["exp_avg"], peer.state[p]["exp_avg"])
-               for p, q in zip(peer_params, ours.param_groups[0]["params"], strict=True))
+    assert all(
+        torch.equal(ours.state[q]["exp_avg"], peer.state[p]["exp_avg"])
+        for p, q in zip(peer_params, ours.param_groups[0]["params"], strict=True)
+    )
 
 
 def test_deepcopy_is_independent() -> None:

@@ -1,0 +1,492 @@
+"""Time one optimizer step: lion_dist against its peers, as ratios measured in one process.
+
+    python benchmarks/step.py            # full run: W1, W2, W3 in fp32 and bf16 on the GPU if there is one, else CPU
+    python benchmarks/step.py --quick    # fewer repeats, no reference backend (CPU: a few minutes)
+    python benchmarks/step.py --smoke    # tiny tensors, one repeat: checks that the script runs (seconds)
+
+Workloads (issue 3): W1 one 64M-element tensor; W2 a GPT-2-small-like list (GPU: GPT-2 small itself, 148
+tensors, 124M elements; CPU: 10 GPT-2 blocks at width 448, 120 tensors, 24M elements); W3 2000 tensors of 1024.
+Params and grads share a dtype (fp32 or bf16); every optimizer keeps its default state dtype.
+
+For each optimizer: the median `step()` time, the ratio to lion_dist (its default backend, nonfinite="ignore":
+above 1 means slower than lion_dist), the GB/s it achieves counting the bytes its algorithm must move (Lion: read
+p, g, m and write p, m; AdamW: also v), that as a % of the in-place add bandwidth measured on a buffer of the
+same size, its optimizer state bytes, and the peak extra memory during one step (CUDA: max_memory_allocated;
+CPU: the growth of the process's resident-set high-water mark, reset through /proc/self/clear_refs). The
+"bandwidth floor" row is the time Lion's bytes take at that add bandwidth. Optimizers that cannot run here
+(no GPU, a package or a compiler missing, a failed build) are listed with the reason; nothing fails the run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+import traceback
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+
+from lion_dist import Lion, cpu_kernel, functional
+from lion_dist.functional import LionHyperparams, resolve_backend
+
+LR, WD, BETAS = 1e-4, 0.01, (0.9, 0.99)
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+class Unavailable(Exception):
+    """This optimizer cannot run here; the message says why."""
+
+
+# ---------------------------------------------------------------------------------------------- workloads
+
+
+def gpt2_block_shapes(d: int) -> list[tuple[int, ...]]:
+    """One GPT-2 block's parameter shapes at width d (HF Conv1D layout)."""
+    return [(d,), (d,), (d, 3 * d), (3 * d,), (d, d), (d,), (d,), (d,), (d, 4 * d), (4 * d,), (4 * d, d), (d,)]
+
+
+def workloads(device: str, size: str) -> dict[str, list[tuple[int, ...]]]:
+    """Name -> parameter shapes. `size` is "full" (the issue's sizes) or "smoke" (tiny)."""
+    if size == "smoke":
+        return {"W1": [(1 << 16,)], "W2": gpt2_block_shapes(64) * 2, "W3": [(1024,)] * 50}
+    if device == "cuda":
+        w2 = [(50257, 768), (1024, 768), *gpt2_block_shapes(768) * 12, (768,), (768,)]
+    else:
+        w2 = gpt2_block_shapes(448) * 10
+    return {"W1": [(64 << 20,)], "W2": w2, "W3": [(1024,)] * 2000}
+
+
+# ---------------------------------------------------------------------------------------------- peers
+
+
+@dataclass
+class Peer:
+    name: str
+    algorithm: str  # "lion" or "adamw": which state tensors the step must read and write
+    make: Callable[[list[torch.Tensor]], torch.optim.Optimizer]
+    baseline: bool = False
+
+
+def _lion_dist(backend: str, nonfinite: str = "ignore") -> Callable:
+    def make(params):
+        if backend == "cpu_fused" and not cpu_kernel.is_available():
+            raise Unavailable(f"the fused CPU kernel is unavailable ({cpu_kernel.unavailable_reason()})")
+        hp = dict(lr=LR, betas=BETAS, weight_decay=WD)
+        return Lion(params, **hp, backend=backend, nonfinite=nonfinite, batch_size_policy="ignore")
+
+    return make
+
+
+class FunctionalLion:
+    """`lion_dist.functional.lion` on the same tensors without the optimizer's bookkeeping: the update's own cost."""
+
+    def __init__(self, params: list[torch.Tensor]) -> None:
+        self.params = params
+        self.state = {p: {"exp_avg": torch.zeros_like(p)} for p in params}
+        self.hp = LionHyperparams(lr=LR, beta1=BETAS[0], beta2=BETAS[1], weight_decay=WD)
+
+    def step(self) -> None:
+        grads = [p.grad for p in self.params]
+        functional.lion(self.params, grads, [self.state[p]["exp_avg"] for p in self.params], self.hp)
+
+
+def _lion_pytorch(variant: str) -> Callable:
+    def make(params):
+        try:
+            if variant == "foreach":
+                from lion_pytorch.foreach import Lion as PeerLion
+
+                return PeerLion(params, lr=LR, betas=BETAS, weight_decay=WD)
+            from lion_pytorch import Lion as PeerLion
+        except ImportError as e:
+            raise Unavailable(f"lion-pytorch is not installed ({e}); pip install lion-pytorch") from e
+        return PeerLion(params, lr=LR, betas=BETAS, weight_decay=WD, use_triton=variant == "triton")
+
+    return make
+
+
+def _deepspeed(cls_name: str) -> Callable:
+    def make(params):
+        try:
+            from deepspeed.ops import lion
+        except Exception as e:  # deepspeed raises more than ImportError when its accelerator is unusable
+            raise Unavailable(f"deepspeed does not import: {type(e).__name__}: {e}") from e
+        cls = getattr(lion, cls_name)
+        return cls(params, lr=LR, betas=BETAS, weight_decay=WD)  # both build a C++/CUDA op on first use
+
+    return make
+
+
+def _adamw(**flags) -> Callable:
+    def make(params):
+        return torch.optim.AdamW(params, lr=LR, weight_decay=WD, **flags)
+
+    return make
+
+
+def peers(device: str, quick: bool) -> tuple[list[Peer], list[tuple[str, str]]]:
+    """The optimizers to time on `device`, and (name, reason) for those that cannot run on it."""
+    skipped: list[tuple[str, str]] = []
+    auto = resolve_backend("auto", torch.device(device), LionHyperparams(lr=LR, beta1=BETAS[0], beta2=BETAS[1]))
+    run = [Peer(f"lion_dist (auto: {auto})", "lion", _lion_dist("auto"), True)]
+    run.append(Peer("lion_dist auto, nonfinite='skip'", "lion", _lion_dist("auto", "skip")))
+    run.append(Peer("lion_dist functional.lion only (no optimizer)", "lion", FunctionalLion))
+    run.append(Peer("lion_dist foreach", "lion", _lion_dist("foreach")))
+    if quick:
+        skipped.append(("lion_dist reference", "left out of --quick (the readable per-tensor reference)"))
+    else:
+        run.append(Peer("lion_dist reference", "lion", _lion_dist("reference")))
+    run += [
+        Peer("lion-pytorch Lion", "lion", _lion_pytorch("plain")),
+        Peer("lion-pytorch foreach Lion", "lion", _lion_pytorch("foreach")),
+    ]
+    if device == "cuda":
+        run += [
+            Peer("lion-pytorch Lion (triton)", "lion", _lion_pytorch("triton")),
+            Peer("DeepSpeed FusedLion", "lion", _deepspeed("FusedLion")),
+            Peer("torch AdamW foreach", "adamw", _adamw(foreach=True)),
+            Peer("torch AdamW fused", "adamw", _adamw(fused=True)),
+        ]
+        skipped.append(("DeepSpeedCPULion", "CPU optimizer (offload); this run is on the GPU"))
+    else:
+        run += [
+            Peer("DeepSpeedCPULion", "lion", _deepspeed("DeepSpeedCPULion")),
+            Peer("torch AdamW foreach", "adamw", _adamw(foreach=True)),
+            Peer("torch AdamW fused", "adamw", _adamw(fused=True)),
+        ]
+        for name in ("lion_dist triton", "lion-pytorch Lion (triton)", "DeepSpeed FusedLion"):
+            skipped.append((name, "needs a CUDA GPU"))
+    return run, skipped
+
+
+# ---------------------------------------------------------------------------------------------- measuring
+
+
+def _sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def time_once(fn: Callable[[], object], device: str) -> float:
+    """Milliseconds of one `fn()`: CUDA events around it on the GPU (then a synchronize), a wall clock on the CPU."""
+    if device == "cuda":
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        torch.cuda.synchronize()
+        return start.elapsed_time(end)
+    t0 = time.perf_counter()
+    fn()
+    return (time.perf_counter() - t0) * 1e3
+
+
+def _rss_kib(field_name: str) -> int | None:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field_name + ":"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return None
+
+
+def peak_extra_bytes(fn: Callable[[], object], device: str) -> int | None:
+    """Extra memory at the peak of one `fn()` over what was allocated before it; None when not measurable."""
+    if device == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+        fn()
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated() - before
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # resets VmHWM, the resident-set high-water mark, to the current RSS
+    except OSError:
+        return None
+    before = _rss_kib("VmRSS")
+    fn()
+    peak = _rss_kib("VmHWM")
+    return None if before is None or peak is None else max(0, peak - before) * 1024
+
+
+STATE_KEYS = {"lion": ("exp_avg",), "adamw": ("exp_avg", "exp_avg_sq")}
+
+
+def state_bytes(opt: torch.optim.Optimizer) -> int:
+    return sum(v.numel() * v.element_size() for s in opt.state.values() for v in s.values() if torch.is_tensor(v))
+
+
+def step_bytes(opt: torch.optim.Optimizer, params: list[torch.Tensor], algorithm: str) -> int:
+    """Bytes the algorithm must move in one step: read p, g and each state tensor, write p and each state tensor."""
+    total = 0
+    for p in params:
+        state = opt.state[p]
+        moved_state = sum(state[k].element_size() for k in STATE_KEYS[algorithm] if k in state)
+        total += p.numel() * (2 * p.element_size() + p.grad.element_size() + 2 * moved_state)
+    return total
+
+
+@dataclass
+class Row:
+    workload: str
+    dtype: str
+    optimizer: str
+    ms: float | None = None
+    ratio: float | None = None
+    gbs: float | None = None
+    pct_add_bw: float | None = None
+    state_mb: float | None = None
+    peak_extra_mb: float | None = None
+
+
+@dataclass
+class Report:
+    machine: dict = field(default_factory=dict)
+    rows: list[Row] = field(default_factory=list)
+    not_run: dict[str, str] = field(default_factory=dict)  # optimizer -> why it did not run
+    notes: list[str] = field(default_factory=list)
+
+
+def _record_failure(report: Report, name: str, e: Exception) -> None:
+    reason = str(e) if isinstance(e, Unavailable) else f"{type(e).__name__}: {e}".splitlines()[0][:300]
+    report.not_run.setdefault(name, reason)
+    if not isinstance(e, Unavailable) and os.environ.get("LION_DIST_BENCH_TRACEBACK"):
+        traceback.print_exc()
+
+
+def bench_workload(name: str, shapes, dtype_name: str, device: str, repeats: int, peer_list, report: Report) -> None:
+    """Time every optimizer and the bandwidth probes on one workload, round-robin: each round steps each once.
+
+    Interleaving makes the ratios robust to a machine whose load changes during the run.
+    """
+    dtype = DTYPES[dtype_name]
+    gen = torch.Generator(device=device).manual_seed(0)
+    params = [torch.randn(s, device=device, generator=gen).to(dtype).requires_grad_() for s in shapes]
+    for p in params:
+        p.grad = torch.randn(p.shape, device=device, generator=gen).to(dtype) * 1e-2
+    numel = sum(p.numel() for p in params)
+    a, b = torch.randn(numel, device=device), torch.randn(numel, device=device)
+    timed: dict[str, Callable[[], object]] = {"add probe": lambda: a.add_(b), "copy probe": lambda: a.copy_(b)}
+    opts: dict[str, torch.optim.Optimizer] = {}
+    for peer in peer_list:
+        gc.collect()
+        try:
+            opt = peer.make(params)
+            opt.step()  # creates the state and builds/compiles whatever the optimizer builds on first use
+            _sync(device)
+        except Exception as e:
+            _record_failure(report, peer.name, e)
+            continue
+        opts[peer.name] = opt
+        timed[peer.name] = opt.step
+    for fn in (timed["add probe"], timed["copy probe"]):
+        fn()  # warm up: page faults, thread pools
+    times: dict[str, list[float]] = {k: [] for k in timed}
+    for _ in range(repeats):
+        for key, fn in list(timed.items()):
+            try:
+                times[key].append(time_once(fn, device))
+            except Exception as e:
+                _record_failure(report, key, e)
+                del timed[key]
+    ms = {k: statistics.median(v) for k, v in times.items() if k in timed}
+    add_gbs = 12 * numel / ms["add probe"] / 1e6
+    probe = {"add_gbs": add_gbs, "copy_gbs": 8 * numel / ms["copy probe"] / 1e6, "elements": numel}
+    report.machine["probes"][f"{name} {dtype_name}"] = {**probe, "tensors": len(shapes)}
+    timed.clear()
+
+    results: dict[str, dict] = {}
+    for peer in peer_list:
+        if peer.name in ms:
+            opt = opts[peer.name]
+            extra = peak_extra_bytes(opt.step, device)
+            results[peer.name] = {
+                "ms": ms[peer.name],
+                "bytes": step_bytes(opt, params, peer.algorithm),
+                "state": state_bytes(opt),
+                "extra": extra,
+            }
+    del opts
+    base = next((results[p.name] for p in peer_list if p.baseline and p.name in results), None)
+    for peer in peer_list:
+        r = results.get(peer.name)
+        if r is None:
+            continue
+        gbs = r["bytes"] / r["ms"] / 1e6
+        report.rows.append(
+            Row(
+                name,
+                dtype_name,
+                peer.name,
+                ms=r["ms"],
+                ratio=r["ms"] / base["ms"] if base else None,
+                gbs=gbs,
+                pct_add_bw=100 * gbs / add_gbs,
+                state_mb=r["state"] / 2**20,
+                peak_extra_mb=None if r["extra"] is None else r["extra"] / 2**20,
+            )
+        )
+    if base:
+        floor_ms = base["bytes"] / add_gbs / 1e6
+        report.rows.append(
+            Row(
+                name,
+                dtype_name,
+                "bandwidth floor (lion_dist's bytes at add bandwidth)",
+                ms=floor_ms,
+                ratio=floor_ms / base["ms"],
+                gbs=add_gbs,
+                pct_add_bw=100.0,
+            )
+        )
+    skip_name = "lion_dist auto, nonfinite='skip'"
+    if base and skip_name in results:
+        cost = 100 * (results[skip_name]["ms"] / base["ms"] - 1)
+        report.notes.append(f"{name} {dtype_name}: the non-finite check (nonfinite='skip') adds {cost:+.1f}% to a step")
+    del params
+    gc.collect()
+
+
+# ---------------------------------------------------------------------------------------------- output
+
+
+def _fmt(x: float | None, spec: str) -> str:
+    return "-" if x is None else format(x, spec)
+
+
+def markdown(report: Report) -> str:
+    out = []
+    m = report.machine
+    out.append(f"Machine: {m['device_name']}; {m['cores']} cores, torch threads {m['threads']}; torch {m['torch']}; ")
+    out[-1] += f"load average at start {m['load']}; mode {m['mode']}; repeats {m['repeats']} (median, round-robin)."
+    if m.get("cpu_kernel_build_s") is not None:
+        out.append(f"lion_dist CPU kernel first-use build: {m['cpu_kernel_build_s']:.2f} s ({m['cpu_kernel_build']}).")
+    groups: dict[tuple[str, str], list[Row]] = {}
+    for row in report.rows:
+        groups.setdefault((row.workload, row.dtype), []).append(row)
+    for (workload, dtype), rows in groups.items():
+        probe = m["probes"][f"{workload} {dtype}"]
+        out.append("")
+        out.append(
+            f"### {workload}, {dtype} params: {probe['elements'] / 1e6:.2f}M elements in {probe['tensors']} tensors; "
+            f"in-place add {probe['add_gbs']:.1f} GB/s, copy {probe['copy_gbs']:.1f} GB/s"
+        )
+        out.append("")
+        out.append("| optimizer | median ms | x lion_dist | GB/s | % of add bw | state MiB | peak extra MiB |")
+        out.append("|---|---:|---:|---:|---:|---:|---:|")
+        for r in rows:
+            out.append(
+                f"| {r.optimizer} | {_fmt(r.ms, '.2f')} | {_fmt(r.ratio, '.2f')} | {_fmt(r.gbs, '.1f')} | "
+                f"{_fmt(r.pct_add_bw, '.0f')} | {_fmt(r.state_mb, '.1f')} | {_fmt(r.peak_extra_mb, '.1f')} |"
+            )
+    if m.get("seconds") is not None:
+        out.append("")
+        out.append(f"The run took {m['seconds']:.0f} s.")
+    if report.notes:
+        out.append("")
+        out += [f"- {n}" for n in report.notes]
+    if report.not_run:
+        out.append("")
+        out.append("Not run:")
+        out += [f"- {name}: {reason}" for name, reason in report.not_run.items()]
+    return "\n".join(out)
+
+
+def machine_info(device: str, mode: str, repeats: int) -> dict:
+    if device == "cuda":
+        name = torch.cuda.get_device_name()
+    else:
+        name = platform.processor() or platform.machine()
+        try:
+            with open("/proc/cpuinfo") as f:
+                name = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+        except (OSError, StopIteration):
+            pass
+    load = os.getloadavg() if hasattr(os, "getloadavg") else None
+    return {
+        "device": device,
+        "device_name": name,
+        "cores": os.cpu_count(),
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "load": None if load is None else " ".join(f"{x:.2f}" for x in load),
+        "mode": mode,
+        "repeats": repeats,
+        "probes": {},
+    }
+
+
+def measure_cpu_kernel_build(report: Report) -> None:
+    """Time a from-scratch build of the CPU kernel into an empty directory: the cost of its first use."""
+    try:
+        with tempfile.TemporaryDirectory() as d:
+            t0 = time.perf_counter()
+            path = cpu_kernel.build(Path(d))
+            report.machine["cpu_kernel_build_s"] = time.perf_counter() - t0
+            report.machine["cpu_kernel_build"] = f"{cpu_kernel.compiler()}, {path.name}"
+    except Exception as e:
+        report.not_run["lion_dist CPU kernel build"] = f"{type(e).__name__}: {e}".splitlines()[0]
+
+
+def main(argv: list[str] | None = None) -> Report:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    mode = parser.add_mutually_exclusive_group()
+    mode.add_argument("--quick", action="store_true", help="3 repeats, no reference backend")
+    mode.add_argument("--smoke", action="store_true", help="tiny tensors, 1 repeat: does the script run?")
+    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    parser.add_argument("--workloads", default="W1,W2,W3", help="comma-separated subset of W1,W2,W3")
+    parser.add_argument("--dtypes", default="fp32,bf16", help="comma-separated subset of fp32,bf16")
+    parser.add_argument("--peers", default="", help="only optimizers whose name contains one of these (comma-sep.)")
+    parser.add_argument("--repeats", type=int, default=None, help="timed steps per optimizer (median)")
+    parser.add_argument("--json", type=Path, default=None, help="also write the results here")
+    args = parser.parse_args(argv)
+
+    device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: no CUDA GPU is visible to torch")
+    if device == "cpu":
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    mode_name = "smoke" if args.smoke else "quick" if args.quick else "full"
+    repeats = args.repeats or (1 if args.smoke else 3 if args.quick else 10)
+    all_workloads = workloads(device, "smoke" if args.smoke else "full")
+    chosen = [w.strip() for w in args.workloads.split(",") if w.strip()]
+    dtype_names = [d.strip() for d in args.dtypes.split(",") if d.strip()]
+    for bad in [w for w in chosen if w not in all_workloads] + [d for d in dtype_names if d not in DTYPES]:
+        parser.error(f"unknown workload or dtype {bad!r}; workloads: {list(all_workloads)}, dtypes: {list(DTYPES)}")
+
+    report = Report(machine=machine_info(device, mode_name, repeats))
+    peer_list, skipped = peers(device, args.quick or args.smoke)
+    report.not_run.update(skipped)
+    if args.peers:
+        wanted = [w.strip() for w in args.peers.split(",") if w.strip()]
+        peer_list = [p for p in peer_list if p.baseline or any(w in p.name for w in wanted)]
+    measure_cpu_kernel_build(report)
+    start = time.perf_counter()
+    for name in chosen:
+        for dtype_name in dtype_names:
+            print(f"[{time.perf_counter() - start:6.1f} s] {name} {dtype_name} ...", file=sys.stderr, flush=True)
+            bench_workload(name, all_workloads[name], dtype_name, device, repeats, peer_list, report)
+    report.machine["seconds"] = time.perf_counter() - start
+
+    print(markdown(report), flush=True)
+    if args.json:
+        args.json.write_text(json.dumps({**asdict(report), "markdown": markdown(report)}, indent=1))
+    return report
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,311 @@
+"""`lion-dist train` and `lion-dist compare`: launch the main job on local workers with torchrun.
+
+`lion-dist train` runs torchrun (`torch.distributed.run --standalone --nproc-per-node N -m lion_dist.train`, in
+this process) with the same flags; `python -m lion_dist.train` is the per-rank job, so a user's own
+`torchrun --nproc-per-node N -m lion_dist.train ...` (multi-node too) runs the very same thing.
+`lion-dist compare` runs the job once per variant (same model, data, seed and budget) and writes one plot and
+one table. A variant is a name plus the train flags that make it: add one to `VARIANTS` to compare more.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import platform
+import shlex
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from lion_dist.train.config import OPTIMIZER_DEFAULTS, TrainConfig, check_out_dir, validate
+from lion_dist.train.plot import plot_runs, read_metrics
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One contestant of `lion-dist compare`: a label for the plot and table, and its train flags."""
+
+    label: str
+    train_args: tuple[str, ...]
+
+
+VARIANTS: dict[str, Variant] = {
+    "lion": Variant("Lion (lion_dist.Lion)", ("--optimizer", "lion")),
+    "adamw": Variant("AdamW (torch.optim.AdamW)", ("--optimizer", "adamw")),
+}
+
+
+def _add_train_flags(parser: argparse.ArgumentParser, *, out: str, with_optimizer: bool) -> None:
+    d = TrainConfig()
+    add = parser.add_argument
+    add("--out", default=out, help=f"output directory (default: {out})")
+    add("--data", default=None, metavar="FILE", help="a UTF-8 text file (default: the Python stdlib's source)")
+    add("--steps", type=int, default=d.steps, help=f"optimizer steps (default: {d.steps})")
+    add(
+        "--stop-at",
+        type=int,
+        default=None,
+        metavar="STEP",
+        help="end this invocation at STEP (checkpointed), "
+        "keeping the schedule of --steps; continue later with --resume",
+    )
+    add(
+        "--micro-batch-size",
+        type=int,
+        default=d.micro_batch_size,
+        help=f"sequences per rank per forward (default: {d.micro_batch_size})",
+    )
+    add("--grad-accum", type=int, default=d.grad_accum, help=f"micro batches per step (default: {d.grad_accum})")
+    add("--seq-len", type=int, default=d.seq_len, help=f"characters per sequence (default: {d.seq_len})")
+    add("--n-layer", type=int, default=d.n_layer, help=f"transformer blocks (default: {d.n_layer})")
+    add("--n-head", type=int, default=d.n_head, help=f"attention heads (default: {d.n_head})")
+    add("--d-model", type=int, default=d.d_model, help=f"model width (default: {d.d_model})")
+    if with_optimizer:
+        add("--optimizer", choices=sorted(OPTIMIZER_DEFAULTS), default=d.optimizer, help="default: lion")
+    add("--lr", type=float, default=None, help="peak learning rate (default: AdamW 1e-3; Lion 1e-3 / 3)")
+    add("--weight-decay", type=float, default=None, help="default: AdamW 0.1; Lion 0.1 x 3")
+    add(
+        "--betas",
+        type=float,
+        nargs=2,
+        default=None,
+        metavar=("B1", "B2"),
+        help="default: Lion 0.9 0.99; AdamW 0.9 0.95",
+    )
+    add("--warmup-steps", type=int, default=None, help="linear warmup (default: steps / 10, at most 100)")
+    add(
+        "--min-lr-ratio",
+        type=float,
+        default=d.min_lr_ratio,
+        help=f"cosine decay ends at lr x this (default: {d.min_lr_ratio})",
+    )
+    add("--grad-clip", type=float, default=d.grad_clip, help=f"max gradient norm, 0 = off (default: {d.grad_clip})")
+    add("--seed", type=int, default=d.seed, help=f"model init and batch order (default: {d.seed})")
+    add("--log-interval", type=int, default=d.log_interval, help=f"steps per metrics line (default: {d.log_interval})")
+    add("--eval-interval", type=int, default=d.eval_interval, help=f"steps per validation (default: {d.eval_interval})")
+    add("--eval-seqs", type=int, default=d.eval_seqs, help=f"validation sequences (default: {d.eval_seqs})")
+    add(
+        "--ckpt-interval",
+        type=int,
+        default=d.ckpt_interval,
+        help=f"steps per checkpoint, 0 = only at the end (default: {d.ckpt_interval})",
+    )
+    add(
+        "--keep-checkpoints",
+        type=int,
+        default=d.keep_checkpoints,
+        help=f"newest complete checkpoints kept (default: {d.keep_checkpoints})",
+    )
+    add("--resume", action="store_true", help="continue from the newest complete checkpoint in --out")
+    add("--overwrite", action="store_true", help="delete an earlier run in --out and start over")
+    add("--samples", type=int, default=d.samples, help=f"text samples generated at the end (default: {d.samples})")
+    add("--sample-chars", type=int, default=d.sample_chars, help=f"characters per sample (default: {d.sample_chars})")
+    add(
+        "--device",
+        choices=("auto", "cpu", "cuda"),
+        default=d.device,
+        help="auto: CUDA (NCCL) if available, else CPU (gloo)",
+    )
+
+
+def _add_launch_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--nproc-per-node",
+        type=int,
+        default=None,
+        metavar="N",
+        help="local workers (default: 2 on CPU; on CUDA, min(2, GPUs))",
+    )
+
+
+def _config(args: argparse.Namespace, **override: Any) -> TrainConfig:
+    names = {f.name for f in dataclasses.fields(TrainConfig)}
+    values = {k: v for k, v in vars(args).items() if k in names}
+    if values.get("betas") is not None:
+        values["betas"] = tuple(values["betas"])
+    return TrainConfig(**{**values, **override})
+
+
+def to_argv(cfg: TrainConfig) -> list[str]:
+    """The train flags that reproduce `cfg` (None values are left to their defaults)."""
+    argv: list[str] = []
+    for f in dataclasses.fields(cfg):
+        value, flag = getattr(cfg, f.name), "--" + f.name.replace("_", "-")
+        if value is None or value is False:
+            continue
+        if value is True:
+            argv.append(flag)
+        elif isinstance(value, tuple):
+            argv += [flag, *map(str, value)]
+        else:
+            argv += [flag, str(value)]
+    return argv
+
+
+def _nproc(requested: int | None, cfg: TrainConfig) -> int:
+    import torch
+
+    if cfg.device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda: no CUDA GPU is visible to torch here; use --device cpu")
+    if requested is not None:
+        if requested < 1:
+            raise ValueError(f"--nproc-per-node must be >= 1, got {requested}")
+        return requested
+    if cfg.device == "cpu" or not torch.cuda.is_available():
+        return 2
+    gpus = torch.cuda.device_count()
+    if gpus < 2:
+        print("lion-dist: one GPU visible, so one NCCL worker (NCCL needs a GPU per rank)", flush=True)
+    return min(2, gpus)
+
+
+def launch(cfg: TrainConfig, nproc: int) -> int:
+    """Run the job on `nproc` local workers with torchrun (in this process); returns 0 or 1 when a worker failed."""
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.run import get_args_parser, run
+
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, cores // nproc)))  # share the cores, don't oversubscribe
+    torchrun = ["--standalone", f"--nproc-per-node={nproc}", "--module", "lion_dist.train", *to_argv(cfg)]
+    resume_hint = "rerun with the same flags plus --resume to continue from the last complete checkpoint"
+    try:
+        run(get_args_parser().parse_args(torchrun))
+    except ChildFailedError as error:  # the workers printed their tracebacks; say which failed and how
+        print(f"{error.format_msg()}\nlion-dist: a worker failed; {resume_hint}", file=sys.stderr, flush=True)
+        return 1
+    except SignalException as error:  # Ctrl-C or a kill: torchrun has stopped the workers
+        print(f"\nlion-dist: stopped by {error.sigval.name}; {resume_hint}", file=sys.stderr, flush=True)
+        return 128 + int(error.sigval)
+    return 0
+
+
+def _train(args: argparse.Namespace) -> int:
+    cfg = _config(args)
+    validate(cfg)
+    check_out_dir(cfg)
+    return launch(cfg, _nproc(args.nproc_per_node, cfg))
+
+
+def _compare(args: argparse.Namespace, argv: list[str]) -> int:
+    out = Path(args.out)
+    runs = {name: _variant_config(_config(args, out=str(out / name)), VARIANTS[name]) for name in args.variants}
+    for cfg in runs.values():  # every variant's flags and --out are checked before anything runs
+        validate(cfg)
+        check_out_dir(cfg)
+    nproc = _nproc(args.nproc_per_node, next(iter(runs.values())))
+    for name, cfg in runs.items():
+        print(f"\n=== lion-dist compare: {name} ({VARIANTS[name].label}) -> {cfg.out}", flush=True)
+        code = launch(cfg, nproc)
+        if code:
+            print(f"lion-dist compare: the {name} run failed (exit code {code}); see its output above", flush=True)
+            return code
+    summaries = {name: json.loads((Path(cfg.out) / "summary.json").read_text()) for name, cfg in runs.items()}
+    metrics = {VARIANTS[name].label: read_metrics(Path(cfg.out) / "metrics.jsonl") for name, cfg in runs.items()}
+    plot_runs(metrics, out / "compare.png", title=" vs ".join(VARIANTS[n].label.split(" (")[0] for n in runs))
+    report = compare_report(summaries, "lion-dist " + shlex.join(argv), nproc)
+    (out / "compare.md").write_text(report)
+    print("\n" + report + f"\nwrote {out / 'compare.png'} and {out / 'compare.md'}", flush=True)
+    return 0
+
+
+def _variant_config(cfg: TrainConfig, variant: Variant) -> TrainConfig:
+    parser = argparse.ArgumentParser()
+    _add_train_flags(parser, out=cfg.out, with_optimizer=True)
+    return _config(parser.parse_args([*to_argv(cfg), *variant.train_args]))
+
+
+def _machine(summary: dict[str, Any], nproc: int) -> str:
+    import torch
+
+    if summary["device"] == "cuda":
+        where = f"{nproc} x {torch.cuda.get_device_name(0)}"
+    else:
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+        where = f"{nproc} CPU workers on {cores} cores ({platform.machine()})"
+    return f"{where}, torch {torch.__version__}, Python {platform.python_version()}"
+
+
+def compare_report(summaries: dict[str, dict[str, Any]], command: str, nproc: int) -> str:
+    """The markdown table of a compare, and which variant won on final validation loss."""
+    first = next(iter(summaries.values()))
+    mib = 1 << 20
+    lines = [
+        "# lion-dist compare",
+        "",
+        f"Made by `{command}` on {_machine(first, nproc)}, {time.strftime('%Y-%m-%d')}. Every variant trains the "
+        f"same model ({first['n_params']:,} params) on the same data with the same seed, global batch "
+        f"({first['global_batch']} sequences) and {first['steps']} steps.",
+        "",
+        "| variant | lr | weight decay | betas | final val loss | tokens/s | optimizer state bytes per rank "
+        "| peak memory per rank |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for name, s in summaries.items():
+        state = " / ".join(f"{b:,}" for b in s["optimizer_state_bytes_per_rank"])
+        memory = " / ".join(f"{m / mib:,.0f} MiB" for m in s["peak_memory_bytes_per_rank"])
+        speed = "n/a" if s["tokens_per_s"] is None else f"{s['tokens_per_s']:,.0f}"  # resumed with nothing to do
+        lines.append(
+            f"| {VARIANTS[name].label} | {s['lr']:.3g} | {s['weight_decay']:.3g} | {tuple(s['betas'])} "
+            f"| {s['final_val_loss']:.4f} | {speed} | {state} | {memory} ({s['peak_memory_kind']}) |"
+        )
+    ranked = sorted(summaries, key=lambda n: summaries[n]["final_val_loss"])
+    best = summaries[ranked[0]]["final_val_loss"]
+    others = ", ".join(
+        f"{VARIANTS[n].label.split(' (')[0]} {summaries[n]['final_val_loss']:.4f} "
+        f"(+{100 * (summaries[n]['final_val_loss'] / best - 1):.1f}%)"
+        for n in ranked[1:]
+    )
+    lines += [
+        "",
+        f"**Lowest final validation loss: {VARIANTS[ranked[0]].label.split(' (')[0]}** ({best:.4f}"
+        + (f"; {others})." if others else ")."),
+        "One seed and one small budget: rerun with a few --seed values before reading much into a small gap.",
+        "",
+        "![loss curves](compare.png)",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="lion-dist", description="Train a small GPT with sharded Lion (FSDP2), or compare Lion with AdamW."
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+    train = sub.add_parser("train", help="train the GPT on local workers (torchrun, FSDP2)")
+    _add_train_flags(train, out="runs/train", with_optimizer=True)
+    _add_launch_flags(train)
+    compare = sub.add_parser("compare", help="train once per variant (Lion, AdamW) and plot them together")
+    _add_train_flags(compare, out="runs/compare", with_optimizer=False)
+    _add_launch_flags(compare)
+    compare.add_argument(
+        "--variants",
+        nargs="+",
+        choices=sorted(VARIANTS),
+        default=list(VARIANTS),
+        help=f"what to compare (default: {' '.join(VARIANTS)})",
+    )
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """The `lion-dist` console script."""
+    argv = sys.argv[1:] if argv is None else argv
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return _train(args) if args.command == "train" else _compare(args, argv)
+    except (ValueError, FileNotFoundError) as error:
+        parser.exit(2, f"lion-dist {args.command}: error: {error}\n")
+
+
+def train_config(argv: list[str]) -> TrainConfig:
+    """The TrainConfig of `python -m lion_dist.train [train flags]` (what torchrun runs on each worker)."""
+    parser = argparse.ArgumentParser(prog="python -m lion_dist.train", description="One rank of lion-dist train.")
+    _add_train_flags(parser, out="runs/train", with_optimizer=True)
+    return _config(parser.parse_args(argv))

@@ -1,0 +1,154 @@
+"""The job's settings and their checks, importable without torch so that `lion-dist` starts fast.
+
+`TrainConfig` is every flag of `lion-dist train` (`--micro-batch-size` -> `micro_batch_size`); `GPTConfig` is the
+model's shape; `OPTIMIZER_DEFAULTS` names the optimizers the job can train with (the builders live in `loop.py`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+ADAMW_LR = 1e-3
+ADAMW_WEIGHT_DECAY = 0.1
+LION_LR_DIVISOR = 3  # Chen et al. 2023: Lion's lr is 3-10x smaller than AdamW's, its weight decay 3-10x larger
+
+
+@dataclass(frozen=True)
+class OptimizerDefaults:
+    """An optimizer's default betas, and whether its lr and weight decay come from AdamW's by the Lion rule."""
+
+    betas: tuple[float, float]
+    lion_rule: bool
+
+
+OPTIMIZER_DEFAULTS: dict[str, OptimizerDefaults] = {
+    "lion": OptimizerDefaults(betas=(0.9, 0.99), lion_rule=True),
+    "adamw": OptimizerDefaults(betas=(0.9, 0.95), lion_rule=False),
+}
+
+
+@dataclass(frozen=True)
+class GPTConfig:
+    """Model shape; `vocab_size` comes from the data."""
+
+    vocab_size: int
+    seq_len: int = 64
+    n_layer: int = 4
+    n_head: int = 4
+    d_model: int = 128
+
+    def __post_init__(self) -> None:
+        for name in ("vocab_size", "seq_len", "n_layer", "n_head", "d_model"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        if self.d_model % self.n_head:
+            raise ValueError(
+                f"d_model ({self.d_model}) must be divisible by n_head ({self.n_head}); e.g. --d-model "
+                f"{self.n_head * max(1, round(self.d_model / self.n_head))}"
+            )
+
+    def to_dict(self) -> dict[str, int]:
+        return asdict(self)
+
+
+@dataclass
+class TrainConfig:
+    """Every knob of a run; the CLI flags map one to one (`--micro-batch-size` -> `micro_batch_size`)."""
+
+    out: str = "runs/train"
+    data: str | None = None
+    steps: int = 400
+    stop_at: int | None = None
+    micro_batch_size: int = 16
+    grad_accum: int = 2
+    seq_len: int = 64
+    n_layer: int = 4
+    n_head: int = 4
+    d_model: int = 128
+    optimizer: str = "lion"
+    lr: float | None = None
+    weight_decay: float | None = None
+    betas: tuple[float, float] | None = None
+    warmup_steps: int | None = None
+    min_lr_ratio: float = 0.1
+    grad_clip: float = 1.0
+    seed: int = 0
+    log_interval: int = 10
+    eval_interval: int = 50
+    eval_seqs: int = 128
+    ckpt_interval: int = 100
+    keep_checkpoints: int = 2
+    resume: bool = False
+    overwrite: bool = False
+    samples: int = 3
+    sample_chars: int = 200
+    device: str = "auto"
+
+
+def resolve_hyperparams(cfg: TrainConfig) -> tuple[float, float, tuple[float, float], str]:
+    """(lr, weight decay, betas, a note saying where they came from) for `cfg.optimizer`.
+
+    AdamW defaults to lr 1e-3, weight decay 0.1. Lion, when either is not given, takes the paper's rule from
+    AdamW's: lr / 3 and weight decay x 3 (the product lr x wd, the strength of the decay, stays the same).
+    """
+    if cfg.optimizer not in OPTIMIZER_DEFAULTS:
+        raise ValueError(f"--optimizer must be one of {sorted(OPTIMIZER_DEFAULTS)}, got {cfg.optimizer!r}")
+    defaults = OPTIMIZER_DEFAULTS[cfg.optimizer]
+    betas = cfg.betas or defaults.betas
+    if not defaults.lion_rule:
+        lr = ADAMW_LR if cfg.lr is None else cfg.lr
+        wd = ADAMW_WEIGHT_DECAY if cfg.weight_decay is None else cfg.weight_decay
+        return lr, wd, betas, f"{cfg.optimizer}: lr {lr:.3g}, weight decay {wd:.3g}, betas {betas}"
+    lr = ADAMW_LR / LION_LR_DIVISOR if cfg.lr is None else cfg.lr
+    wd = ADAMW_WEIGHT_DECAY * LION_LR_DIVISOR if cfg.weight_decay is None else cfg.weight_decay
+    note = f"{cfg.optimizer}: lr {lr:.3g}, weight decay {wd:.3g}, betas {betas}"
+    if cfg.lr is None or cfg.weight_decay is None:
+        note += (
+            f" (from AdamW's lr {ADAMW_LR:g} and weight decay {ADAMW_WEIGHT_DECAY:g} by the paper's rule: "
+            f"lr / {LION_LR_DIVISOR}, weight decay x {LION_LR_DIVISOR}; set --lr / --weight-decay to override)"
+        )
+    return lr, wd, betas, note
+
+
+def validate(cfg: TrainConfig) -> None:
+    """Raise a ValueError naming the bad flag, its value and what is allowed, before any work starts."""
+    positive = ("steps", "micro_batch_size", "grad_accum", "seq_len", "n_layer", "n_head", "d_model")
+    positive += ("log_interval", "eval_interval", "eval_seqs", "keep_checkpoints")
+    for name in positive:
+        value = getattr(cfg, name)
+        if not isinstance(value, int) or value < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be a positive integer, got {value!r}")
+    for name in ("ckpt_interval", "samples", "sample_chars"):
+        if getattr(cfg, name) < 0:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(cfg, name)!r}")
+    if cfg.stop_at is not None and not 1 <= cfg.stop_at <= cfg.steps:
+        raise ValueError(f"--stop-at must be in [1, --steps={cfg.steps}], got {cfg.stop_at!r}")
+    if cfg.warmup_steps is not None and not 0 <= cfg.warmup_steps <= cfg.steps:
+        raise ValueError(f"--warmup-steps must be in [0, --steps={cfg.steps}], got {cfg.warmup_steps!r}")
+    if not 0 <= cfg.min_lr_ratio <= 1:
+        raise ValueError(f"--min-lr-ratio must be in [0, 1], got {cfg.min_lr_ratio!r}")
+    if cfg.grad_clip < 0:
+        raise ValueError(f"--grad-clip must be >= 0 (0 turns clipping off), got {cfg.grad_clip!r}")
+    if cfg.device not in ("auto", "cpu", "cuda"):
+        raise ValueError(f"--device must be auto, cpu or cuda, got {cfg.device!r}")
+    if cfg.data is not None and not Path(cfg.data).is_file():
+        raise ValueError(f"--data {cfg.data!r}: no such file; pass a UTF-8 text file (e.g. enwik8) or leave it out")
+    if cfg.resume and cfg.overwrite:
+        raise ValueError("--resume continues the run in --out, --overwrite deletes it: pass one of them")
+    lr, wd, betas, _ = resolve_hyperparams(cfg)
+    if not lr > 0 or not wd >= 0 or not all(0 <= b < 1 for b in betas):
+        raise ValueError(f"need --lr > 0, --weight-decay >= 0 and --betas in [0, 1), got {lr!r}, {wd!r}, {betas!r}")
+    GPTConfig(vocab_size=1, seq_len=cfg.seq_len, n_layer=cfg.n_layer, n_head=cfg.n_head, d_model=cfg.d_model)
+
+
+def check_out_dir(cfg: TrainConfig) -> None:
+    """A fresh run must not mix with an earlier one in the same --out (its checkpoints would win a later resume)."""
+    out = Path(cfg.out)
+    earlier = [p for p in (out / "checkpoints", out / "metrics.jsonl") if p.exists()]
+    if earlier and not cfg.resume and not cfg.overwrite:
+        raise ValueError(
+            f"--out {cfg.out!r} already holds a run ({', '.join(p.name for p in earlier)}). Pass --resume to "
+            "continue it, --overwrite to delete it and start over, or another --out."
+        )

@@ -1,0 +1,422 @@
+"""The training job that runs on every rank: an FSDP2-sharded GPT trained with Lion or AdamW.
+
+Everything a step does is a pure function of (seed, step): the batch, the learning rate. So a checkpoint only
+needs model, optimizer and the step, and a resumed or repeated run on the same world size is bit-identical to
+an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import resource
+import shutil
+import socket
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import fully_shard
+from torch.optim import Optimizer
+from tqdm import tqdm
+
+from lion_dist import Lion, checkpoint, shards
+from lion_dist.train.config import GPTConfig, TrainConfig, check_out_dir, resolve_hyperparams, validate
+from lion_dist.train.data import Corpus, eval_batches, load_corpus, train_batches
+from lion_dist.train.model import GPT
+from lion_dist.train.plot import plot_runs, read_metrics
+
+
+@dataclass(frozen=True)
+class OptimizerSpec:
+    """How to build one optimizer of `config.OPTIMIZER_DEFAULTS`, and how to count its state bytes on this rank."""
+
+    build: Callable[[list[dict[str, Any]], float, float, tuple[float, float], TrainConfig], Optimizer]
+    state_bytes: Callable[[Optimizer], int]
+
+
+def _tensor_state_bytes(optimizer: Optimizer) -> int:
+    """Bytes of every tensor in the optimizer's state on this rank (local shards only)."""
+    return sum(
+        shards.local(v).numel() * v.element_size()
+        for state in optimizer.state.values()
+        for v in state.values()
+        if isinstance(v, torch.Tensor)
+    )
+
+
+OPTIMIZERS: dict[str, OptimizerSpec] = {
+    "lion": OptimizerSpec(
+        build=lambda groups, lr, wd, betas, cfg: Lion(
+            groups,
+            lr=lr,
+            betas=betas,
+            weight_decay=wd,
+            micro_batch_size=cfg.micro_batch_size,
+            grad_accum_steps=cfg.grad_accum,
+        ),
+        state_bytes=lambda opt: opt.state_bytes(),
+    ),
+    "adamw": OptimizerSpec(
+        build=lambda groups, lr, wd, betas, cfg: torch.optim.AdamW(groups, lr=lr, betas=betas, weight_decay=wd),
+        state_bytes=_tensor_state_bytes,
+    ),
+}
+
+
+def lr_at(step: int, lr: float, cfg: TrainConfig) -> float:
+    """Linear warmup to `lr` over the warmup steps, then cosine decay to `lr * min_lr_ratio` at `cfg.steps`."""
+    warmup = _default_warmup(cfg) if cfg.warmup_steps is None else cfg.warmup_steps
+    if step <= warmup:
+        return lr * step / warmup
+    progress = (step - warmup) / max(cfg.steps - warmup, 1)
+    return lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def _default_warmup(cfg: TrainConfig) -> int:
+    return min(100, max(1, cfg.steps // 10))
+
+
+def _param_groups(model: nn.Module, wd: float) -> list[dict[str, Any]]:
+    """Weight decay on matrices and embeddings only, not on biases and norm scales (GPT-2 practice)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    return [
+        {"params": [p for p in params if p.ndim >= 2], "weight_decay": wd},
+        {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
+    ]
+
+
+def _peak_memory_bytes(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device)
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+
+
+class _Run:
+    """One invocation of the job on one rank: model, optimizer, data and the output directory."""
+
+    def __init__(self, cfg: TrainConfig) -> None:
+        self.cfg = cfg
+        self.rank, self.world = dist.get_rank(), dist.get_world_size()
+        self.device = _device(cfg)
+        self.out = Path(cfg.out)
+        self.ckpt_root = self.out / "checkpoints"
+        self.lr, self.wd, self.betas, self.hparam_note = resolve_hyperparams(cfg)
+        self.global_batch = cfg.micro_batch_size * cfg.grad_accum * self.world
+        self.corpus: Corpus = load_corpus(cfg.data, min_len=cfg.seq_len + 1)
+        self.model_cfg = GPTConfig(
+            vocab_size=self.corpus.vocab_size,
+            seq_len=cfg.seq_len,
+            n_layer=cfg.n_layer,
+            n_head=cfg.n_head,
+            d_model=cfg.d_model,
+        )
+        torch.manual_seed(cfg.seed)  # every rank builds the same initial model; fully_shard keeps its shard
+        self.model = GPT(self.model_cfg).to(self.device)
+        self.n_params = sum(p.numel() for p in self.model.parameters())
+        mesh = init_device_mesh(self.device.type, (self.world,))
+        for block in self.model.blocks:
+            fully_shard(block, mesh=mesh)
+        fully_shard(self.model, mesh=mesh)
+        self.optimizer = OPTIMIZERS[cfg.optimizer].build(
+            _param_groups(self.model, self.wd), self.lr, self.wd, self.betas, cfg
+        )
+
+    # ---------------------------------------------------------------- output
+
+    def print(self, *args: Any) -> None:
+        if self.rank == 0:
+            tqdm.write(" ".join(str(a) for a in args))
+
+    def log(self, record: dict[str, Any]) -> None:
+        if self.rank == 0:
+            with open(self.out / "metrics.jsonl", "a") as f:
+                f.write(json.dumps(record) + "\n")
+
+    def meta(self) -> dict[str, Any]:
+        """What a checkpoint must agree with to be resumed by this run."""
+        return {
+            "model": self.model_cfg.to_dict(),
+            "optimizer": self.cfg.optimizer,
+            "data": self.corpus.source,
+            "seed": self.cfg.seed,
+            "global_batch": self.global_batch,
+        }
+
+    # ---------------------------------------------------------------- start
+
+    def start(self) -> tuple[int, tuple[int, float] | None]:
+        """Prepare --out and load the newest complete checkpoint when resuming: (start step, last eval)."""
+        check_out_dir(self.cfg)
+        path: list[str | None] = [None]
+        if self.rank == 0:
+            self.out.mkdir(parents=True, exist_ok=True)
+            latest = checkpoint.latest_complete(self.ckpt_root) if self.cfg.resume else None
+            path[0] = None if latest is None else str(latest)
+            if path[0] is None:  # a fresh start: nothing of an earlier run may remain
+                shutil.rmtree(self.ckpt_root, ignore_errors=True)
+                for name in ("metrics.jsonl", "summary.json", "loss.png"):
+                    (self.out / name).unlink(missing_ok=True)
+        dist.broadcast_object_list(path, src=0)  # one decision for all ranks
+        if path[0] is None:
+            if self.cfg.resume:
+                self.print(f"--resume: no complete checkpoint in {self.ckpt_root}; starting from step 0")
+            self.log({"kind": "config", **asdict(self.cfg), "world_size": self.world, "n_params": self.n_params})
+            return 0, None
+        marker = checkpoint.load(path[0], self.model, self.optimizer)
+        self._check_resumable(marker["meta"], path[0])
+        step = marker["step"]
+        self.print(f"resumed from {path[0]} (step {step}, saved on {marker['world_size']} ranks)")
+        if self.rank == 0:
+            _truncate_metrics(self.out / "metrics.jsonl", step)
+        self.log({"kind": "resume", "step": step, "checkpoint": path[0], "world_size": self.world})
+        last_eval = marker["meta"].get("val")
+        return step, (tuple(last_eval) if last_eval else None)
+
+    def _check_resumable(self, saved: dict[str, Any], path: str) -> None:
+        mine = self.meta()
+        for key in ("model", "optimizer"):
+            if saved.get(key) != mine[key]:
+                raise ValueError(
+                    f"checkpoint {path} was saved with {key} {saved.get(key)!r}, this run has {mine[key]!r}: "
+                    f"pass the same flags as the run that saved it, or start over with --overwrite"
+                )
+        changed = [k for k in ("data", "seed", "global_batch") if saved.get(k) != mine[k]]
+        if changed:
+            self.print(
+                f"note: {', '.join(changed)} changed since the checkpoint; batches differ from an uninterrupted run"
+            )
+
+    # ---------------------------------------------------------------- steps
+
+    def train_step(self, step: int, lr: float) -> torch.Tensor:
+        """One optimizer step over the rank's micro batches; returns the summed local micro-batch losses."""
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        cfg = self.cfg
+        batches = train_batches(
+            self.corpus.train,
+            step=step,
+            seed=cfg.seed,
+            seq_len=cfg.seq_len,
+            micro_batch=cfg.micro_batch_size,
+            grad_accum=cfg.grad_accum,
+            rank=self.rank,
+            world=self.world,
+        )
+        loss_sum = torch.zeros((), device=self.device)
+        for i, (x, y) in enumerate(batches):
+            self.model.set_requires_gradient_sync(i == len(batches) - 1)  # reduce-scatter once per step
+            logits = self.model(x.to(self.device))
+            loss = F.cross_entropy(logits.flatten(0, 1), y.to(self.device).flatten())
+            (loss / len(batches)).backward()
+            loss_sum += loss.detach()
+        if cfg.grad_clip:
+            nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return loss_sum
+
+    @torch.no_grad()
+    def evaluate(self) -> float:
+        """Mean loss over the fixed validation sequences (all ranks together)."""
+        self.model.eval()
+        totals = torch.zeros(2, device=self.device, dtype=torch.float64)
+        for x, y, w in eval_batches(
+            self.corpus.val,
+            n_seqs=self.cfg.eval_seqs,
+            seq_len=self.cfg.seq_len,
+            micro_batch=self.cfg.micro_batch_size,
+            rank=self.rank,
+            world=self.world,
+        ):
+            logits = self.model(x.to(self.device))
+            per_seq = F.cross_entropy(logits.transpose(1, 2), y.to(self.device), reduction="none").mean(dim=1)
+            totals[0] += (per_seq.double() * w.to(self.device)).sum()
+            totals[1] += w.sum()
+        dist.all_reduce(totals)
+        self.model.train()
+        return (totals[0] / totals[1]).item()
+
+    def samples(self) -> list[tuple[str, str]]:
+        """(prompt, continuation) pairs sampled on rank 0 from an unsharded copy; [] on other ranks."""
+        cfg = self.cfg
+        full = get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        if self.rank != 0 or not cfg.samples:
+            return []
+        model = GPT(self.model_cfg)
+        model.load_state_dict(full)
+        model.eval()
+        val = self.corpus.val
+        prompt_len = min(32, cfg.seq_len, len(val))
+        starts = [i * (len(val) - prompt_len) // cfg.samples for i in range(cfg.samples)]
+        prompts = torch.stack([val[s : s + prompt_len].long() for s in starts])
+        out = model.generate(prompts, cfg.sample_chars, generator=torch.Generator().manual_seed(cfg.seed))
+        return [(self.corpus.decode(p), self.corpus.decode(o[prompt_len:])) for p, o in zip(prompts, out, strict=True)]
+
+    # ---------------------------------------------------------------- the run
+
+    def run(self) -> dict[str, Any] | None:
+        cfg = self.cfg
+        self.print(self.hparam_note)
+        start, last_eval = self.start()
+        stop = cfg.stop_at or cfg.steps
+        tokens_per_step = self.global_batch * cfg.seq_len
+        self.print(
+            f"{self.n_params:,} params on {self.world} rank{'s' if self.world > 1 else ''} ({self.device.type}, "
+            f"FSDP2), global batch "
+            f"{cfg.micro_batch_size} x {cfg.grad_accum} x {self.world} = {self.global_batch} sequences of "
+            f"{cfg.seq_len} chars, data: {self.corpus.source} ({len(self.corpus.train):,} train / "
+            f"{len(self.corpus.val):,} val chars, vocab {self.corpus.vocab_size})"
+        )
+        if start == 0:
+            last_eval = (0, self.evaluate())
+            self.log({"kind": "val", "step": 0, "val_loss": last_eval[1]})
+        bar = tqdm(total=stop, initial=start, disable=self.rank != 0, desc=cfg.optimizer, dynamic_ncols=True)
+        train_time, interval_loss, interval_steps = 0.0, torch.zeros((), device=self.device), 0
+        interval_start = time.perf_counter()
+        for step in range(start + 1, stop + 1):
+            lr = lr_at(step, self.lr, cfg)
+            interval_loss += self.train_step(step, lr)
+            interval_steps += 1
+            bar.update()
+            if step % cfg.log_interval == 0 or step == stop:
+                dist.all_reduce(interval_loss)
+                loss = interval_loss.item() / (interval_steps * cfg.grad_accum * self.world)
+                elapsed = time.perf_counter() - interval_start
+                train_time += elapsed
+                tokens_per_s = interval_steps * tokens_per_step / elapsed
+                self.log({"kind": "train", "step": step, "loss": loss, "lr": lr, "tokens_per_s": tokens_per_s})
+                bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tokens_per_s:,.0f}", lr=f"{lr:.2e}")
+                interval_loss.zero_()
+                interval_steps = 0
+                interval_start = time.perf_counter()
+            paused = time.perf_counter()  # evaluation and checkpoints do not count towards tokens/s
+            if step % cfg.eval_interval == 0 or step == stop:
+                last_eval = (step, self.evaluate())
+                self.log({"kind": "val", "step": step, "val_loss": last_eval[1]})
+                self.print(f"step {step}: val loss {last_eval[1]:.4f}")
+            if (cfg.ckpt_interval and step % cfg.ckpt_interval == 0) or step == stop:
+                meta = {**self.meta(), "val": list(last_eval) if last_eval and last_eval[0] == step else None}
+                checkpoint.save(self.ckpt_root, step, self.model, self.optimizer, meta)
+                if self.rank == 0:
+                    checkpoint.prune(self.ckpt_root, cfg.keep_checkpoints)
+            interval_start += time.perf_counter() - paused
+        bar.close()
+        if last_eval is None or last_eval[0] != stop:  # resumed at the end: nothing trained, evaluate once
+            last_eval = (stop, self.evaluate())
+        return self.finish(start, stop, train_time, last_eval[1])
+
+    def finish(self, start: int, stop: int, train_time: float, val_loss: float) -> dict[str, Any] | None:
+        """Plot, summarise and sample on rank 0; returns the summary there (None elsewhere)."""
+        cfg = self.cfg
+        per_rank = [None] * self.world
+        local = (OPTIMIZERS[cfg.optimizer].state_bytes(self.optimizer), _peak_memory_bytes(self.device))
+        dist.all_gather_object(per_rank, local)
+        samples = self.samples() if stop == cfg.steps else []
+        if self.rank != 0:
+            return None
+        records = read_metrics(self.out / "metrics.jsonl")
+        plot_runs({cfg.optimizer: records}, self.out / "loss.png", title=f"{cfg.optimizer}: loss")
+        trained = stop - start
+        summary = {
+            "optimizer": cfg.optimizer,
+            "lr": self.lr,
+            "weight_decay": self.wd,
+            "betas": list(self.betas),
+            "step": stop,
+            "steps": cfg.steps,
+            "final_val_loss": val_loss,
+            "final_train_loss": next((r["loss"] for r in reversed(records) if r["kind"] == "train"), None),
+            "tokens_per_s": trained * self.global_batch * cfg.seq_len / train_time if train_time else None,
+            "train_time_s": train_time,
+            "optimizer_state_bytes_per_rank": [b for b, _ in per_rank],
+            "peak_memory_bytes_per_rank": [m for _, m in per_rank],
+            "peak_memory_kind": "cuda max allocated" if self.device.type == "cuda" else "max RSS",
+            "world_size": self.world,
+            "global_batch": self.global_batch,
+            "n_params": self.n_params,
+            "device": self.device.type,
+            "checkpoint": str(checkpoint.checkpoint_dir(self.ckpt_root, stop)),
+            "samples": [{"prompt": p, "continuation": c} for p, c in samples],
+        }
+        (self.out / "summary.json").write_text(json.dumps(summary, indent=1))
+        print(format_summary(summary, self.out), flush=True)
+        return summary
+
+
+def format_summary(s: dict[str, Any], out: Path) -> str:
+    """The human-readable end-of-run report."""
+    mib = 1 << 20
+    if s["step"] < s["steps"]:
+        head = f"stopped at step {s['step']} of {s['steps']} (--stop-at); continue with the same flags plus --resume"
+    else:
+        head = f"done: {s['steps']} steps of {s['optimizer']}"
+    tok = "n/a (nothing trained)" if s["tokens_per_s"] is None else f"{s['tokens_per_s']:,.0f} tokens/s"
+    lines = [
+        "",
+        head,
+        f"  val loss         {s['final_val_loss']:.4f} ({s['final_val_loss'] / math.log(2):.3f} bits per char)",
+        f"  throughput       {tok} over {s['world_size']} rank{'s' if s['world_size'] > 1 else ''} ({s['device']})",
+        f"  optimizer state  {', '.join(f'{b:,}' for b in s['optimizer_state_bytes_per_rank'])} bytes per rank "
+        f"({s['n_params']:,} params)",
+        f"  peak memory      {', '.join(f'{m / mib:,.0f}' for m in s['peak_memory_bytes_per_rank'])} MiB per rank "
+        f"({s['peak_memory_kind']})",
+        f"  outputs          {out / 'metrics.jsonl'}, {out / 'loss.png'}, {out / 'summary.json'}",
+        f"  checkpoint       {s['checkpoint']}",
+    ]
+    for i, sample in enumerate(s["samples"]):
+        lines += [f"--- sample {i + 1} (prompt, then generated) ---", sample["prompt"] + sample["continuation"]]
+    return "\n".join(lines)
+
+
+def _truncate_metrics(path: Path, step: int) -> None:
+    """Drop records after `step`: the resumed run writes them again."""
+    if not path.exists():
+        return
+    keep = [line for line in path.read_text().splitlines() if json.loads(line).get("step", 0) <= step]
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(line + "\n" for line in keep))
+    os.replace(tmp, path)
+
+
+def _device(cfg: TrainConfig) -> torch.device:
+    if cfg.device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda: no CUDA GPU is visible to torch here; use --device cpu")
+    use_cuda = cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available())
+    if not use_cuda:
+        return torch.device("cpu")
+    return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+
+
+def run_worker(cfg: TrainConfig) -> dict[str, Any] | None:
+    """Run the job on this process: joins the torchrun group from the environment (a group of 1 without one)."""
+    validate(cfg)
+    device = _device(cfg)
+    if "RANK" not in os.environ:  # plain `python -m lion_dist.train`: a world of one
+        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    try:
+        summary = _Run(cfg).run()
+        dist.barrier()  # ranks leave together: none tears down its group while rank 0 still plots and samples
+        return summary
+    finally:
+        dist.destroy_process_group()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

@@ -1,0 +1,287 @@
+"""The DeepSpeed JSON entry: `"optimizer": {"type": "LionDist", "params": {...}}`.
+
+Config checks run in-process with a stand-in `deepspeed` module (they must fail before DeepSpeed's slow
+start). One 2-rank run trains every launch/ds_*.json config (ZeRO 1, 2, 3, 3 + optimizer offload), stage 0,
+ZeRO-3 with many sub-groups, and the `register()` path a few steps each, and checks the batch guard's
+DeepSpeed arithmetic; the params must equal `lion_dist.Lion`'s given the same grads.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import types
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+
+import lion_dist.deepspeed as lds
+from lion_dist import Lion, SmallBatchWarning, batch_guard
+from tests.distributed import spawn
+
+ROOT = Path(__file__).resolve().parents[1]
+LAUNCH_CONFIGS = sorted((ROOT / "launch").glob("ds_*.json"))
+STEPS = 3
+
+
+def liondist(params: dict | None = None, **top) -> dict:
+    """A small DeepSpeed config whose optimizer is "LionDist"."""
+    section = {"type": "LionDist"} if params is None else {"type": "LionDist", "params": params}
+    return {"train_micro_batch_size_per_gpu": 32, "optimizer": section, **top}
+
+
+def test_launch_configs_exist_for_every_zero_stage_and_use_liondist() -> None:
+    names = [p.name for p in LAUNCH_CONFIGS]
+    assert names == ["ds_zero1.json", "ds_zero2.json", "ds_zero3.json", "ds_zero3_offload.json"]
+    for path in LAUNCH_CONFIGS:
+        config = lds.load_config(path)
+        assert lds.lion_kwargs(config) == {"lr": 0.01, "betas": (0.9, 0.99), "weight_decay": 0.1}
+    assert lds.load_config(ROOT / "launch/ds_zero3_offload.json")["zero_optimization"]["offload_optimizer"]
+
+
+def test_other_optimizer_types_are_left_to_deepspeed() -> None:
+    assert lds.lion_kwargs({"optimizer": {"type": "Lion", "params": {"lr": 1e-4, "whatever": 1}}}) is None
+    assert lds.lion_kwargs({"optimizer": {"type": "AdamW"}}) is None
+    assert lds.lion_kwargs({"train_batch_size": 64}) is None
+
+
+def test_params_become_lion_keyword_arguments() -> None:
+    kwargs = lds.lion_kwargs(liondist({"lr": 3e-4, "momentum_dtype": "bfloat16", "nonfinite": "error"}))
+    assert kwargs == {"lr": 3e-4, "momentum_dtype": torch.bfloat16, "nonfinite": "error"}
+    assert lds.lion_kwargs(liondist()) == {}
+
+
+@pytest.mark.parametrize(
+    ("config", "error", "match"),
+    [
+        (liondist({"lrr": 1e-4}), ValueError, r"unknown key 'lrr' for \"LionDist\" \(did you mean 'lr'\?\)"),
+        (liondist({"betas": [0.9]}), ValueError, r"optimizer.params\": betas must be a pair"),
+        (liondist({"lr": -1}), ValueError, r"optimizer.params\": lr must be a finite number > 0, got -1"),
+        (liondist({"momentum_dtype": "float16"}), ValueError, "momentum_dtype\" is 'float16'; use one of"),
+        (liondist({"global_batch_size": 64}), ValueError, "has 'global_batch_size'.*set \"train_batch_size\""),
+        (liondist({"micro_batch_size": 8}), ValueError, 'set "train_micro_batch_size_per_gpu"'),
+        (liondist({"grad_accum_steps": 2}), ValueError, 'set "gradient_accumulation_steps"'),
+        (liondist({"batch_size_policy": "loud"}), ValueError, "batch_size_policy must be one of"),
+        ({"optimizer": {"type": "liondist"}}, ValueError, "is 'liondist'; write \"LionDist\" \\(case-sensitive\\)"),
+        ({"optimizer": "LionDist"}, ValueError, '"optimizer" must be an object'),
+        ({"optimizer": {"params": {}}}, ValueError, 'needs a "type" string'),
+        ({"optimizer": {"type": "LionDist", "lr": 1e-4}}, ValueError, "unknown key 'lr'; it takes \"type\" and"),
+        ({"optimizer": {"type": "LionDist", "params": [1e-4]}}, ValueError, "must be an object of Lion arguments"),
+    ],
+)
+def test_bad_optimizer_sections_name_the_key(config: dict, error: type, match: str) -> None:
+    with pytest.raises(error, match=match):
+        lds.lion_kwargs(config)
+
+
+def test_bad_config_files(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match=r"ds_missing.json' does not exist"):
+        lds.load_config(tmp_path / "ds_missing.json")
+    broken = tmp_path / "broken.json"
+    broken.write_text('{"optimizer": {"type": "LionDist",}}')
+    with pytest.raises(ValueError, match=r"broken.json' is not valid JSON: .*line 1"):
+        lds.load_config(broken)
+    listed = tmp_path / "list.json"
+    listed.write_text("[1, 2]")
+    with pytest.raises(ValueError, match="must hold a JSON object"):
+        lds.load_config(listed)
+    with pytest.raises(TypeError, match="path to a JSON file or a dict, got int"):
+        lds.load_config(3)
+
+
+@pytest.fixture
+def fake_deepspeed(monkeypatch: pytest.MonkeyPatch) -> list[dict]:
+    """A stand-in `deepspeed` whose initialize records its arguments and stops there."""
+    calls: list[dict] = []
+
+    def initialize(**kwargs):
+        calls.append(kwargs)
+        raise RuntimeError("fake deepspeed.initialize reached")
+
+    monkeypatch.setitem(sys.modules, "deepspeed", types.SimpleNamespace(initialize=initialize))
+    return calls
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({}, "needs a DeepSpeed config: pass config="),
+        (
+            {"config": liondist(), "args": types.SimpleNamespace(deepspeed_config="ds.json")},
+            "pass the DeepSpeed config once, got it as config and args.deepspeed_config",
+        ),
+        ({"config": liondist(), "optimizer": torch.optim.SGD}, 'got both optimizer= and a "LionDist" optimizer'),
+        (
+            {"config": liondist({"cautious_factor": 0.5}, zero_optimization={"stage": 2})},
+            'cautious_factor": cautious Lion rescales by a mean over each whole tensor',
+        ),
+        ({"config": liondist({"cautious_factor": 0.5}, bf16={"enabled": True})}, "or fp16/bf16"),
+    ],
+)
+def test_initialize_refuses_before_starting_deepspeed(fake_deepspeed: list, kwargs: dict, match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        lds.initialize(model=torch.nn.Linear(2, 2), **kwargs)
+    assert fake_deepspeed == []
+
+
+def test_initialize_hands_other_optimizers_to_deepspeed_untouched(fake_deepspeed: list, tmp_path: Path) -> None:
+    config = {"train_batch_size": 64, "optimizer": {"type": "Lion", "params": {"lr": 1e-4}}}
+    path = tmp_path / "ds.json"
+    path.write_text(json.dumps(config))
+    args = types.SimpleNamespace(deepspeed_config=str(path))
+    for call_kwargs in ({"config": config}, {"config_params": str(path)}, {"args": args}):
+        with pytest.raises(RuntimeError, match=r"fake deepspeed.initialize reached"):
+            lds.initialize(model=torch.nn.Linear(2, 2), **call_kwargs)
+        seen = fake_deepspeed.pop()
+        assert seen["optimizer"] is None
+        for key in ("config", "config_params", "args"):
+            assert seen[key] is call_kwargs.get(key)
+
+
+def test_initialize_gives_deepspeed_a_lion_callable_and_an_amended_copy(fake_deepspeed: list) -> None:
+    config = liondist(
+        {"lr": 0.02, "weight_decay": 0.5}, zero_optimization={"stage": 3, "offload_optimizer": {"device": "cpu"}}
+    )
+    original = json.loads(json.dumps(config))
+    args = types.SimpleNamespace(deepspeed_config=config, local_rank=0)
+    with pytest.raises(RuntimeError, match=r"fake deepspeed.initialize reached"):
+        lds.initialize(args=args, model=torch.nn.Linear(2, 2))
+    (seen,) = fake_deepspeed
+    assert config == original and args.deepspeed_config is config  # the caller's objects are not changed
+    assert seen["args"].deepspeed_config is None and seen["args"].local_rank == 0
+    assert "optimizer" not in seen["config"]
+    assert seen["config"]["zero_allow_untested_optimizer"] is True
+    assert seen["config"]["zero_force_ds_cpu_optimizer"] is False
+    built = seen["optimizer"]([torch.nn.Parameter(torch.zeros(3))])
+    assert type(built) is Lion
+    assert (built.defaults["lr"], built.defaults["weight_decay"]) == (0.02, 0.5)
+
+
+def test_register_adds_torch_optim_liondist(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delattr(torch.optim, "LionDist", raising=False)
+    lds.register()
+    assert torch.optim.LionDist is Lion
+    lds.register()  # idempotent
+    monkeypatch.setattr(torch.optim, "LionDist", torch.optim.SGD)
+    with pytest.raises(RuntimeError, match=r"torch.optim.LionDist is already .*SGD"):
+        lds.register()
+
+
+@pytest.mark.slow
+def test_lion_dist_imports_without_deepspeed() -> None:
+    code = (
+        "import sys; sys.modules['deepspeed'] = None\n"  # makes `import deepspeed` fail
+        "import lion_dist, lion_dist.deepspeed as lds\n"
+        "print(lds.lion_kwargs(lds.load_config('launch/ds_zero2.json')))\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert "'lr': 0.01" in result.stdout
+
+
+# --------------------------------------------------------------------------- DeepSpeed on 2 ranks
+
+
+def make_model() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(7, 13), torch.nn.Tanh(), torch.nn.Linear(13, 3))
+
+
+def batches(steps: int = STEPS, size: int = 32) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """The same data on every rank: DeepSpeed's average of identical grads is exact, so the step sees the
+    single-process grad bit for bit."""
+    gen = torch.Generator().manual_seed(1)
+    return [(torch.randn(size, 7, generator=gen), torch.randn(size, 3, generator=gen)) for _ in range(steps)]
+
+
+def reference_params(lion_kwargs: dict) -> list[torch.Tensor]:
+    model = make_model()
+    opt = Lion(model.parameters(), **lion_kwargs, batch_size_policy="ignore")
+    for x, y in batches():
+        torch.nn.functional.mse_loss(model(x), y).backward()
+        opt.step()
+        opt.zero_grad()
+    return [p.detach() for p in model.parameters()]
+
+
+def _train(engine) -> list[torch.Tensor]:
+    import deepspeed
+
+    for x, y in batches():
+        engine.backward(torch.nn.functional.mse_loss(engine(x), y))
+        engine.step()
+    with deepspeed.zero.GatheredParameters(list(engine.module.parameters())):  # ZeRO-3; a no-op below
+        return [p.detach().clone() for p in engine.module.parameters()]
+
+
+def _guard_messages(config: dict) -> tuple[list[str], str | None]:
+    batch_guard._warned_this_process.clear()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            lds.initialize(model=make_model(), config=config)
+        except ValueError as error:
+            return [], str(error)
+    return [str(w.message) for w in caught if issubclass(w.category, SmallBatchWarning)], None
+
+
+def _deepspeed_on_two_ranks(rank: int, world_size: int, launch_configs: list[str]) -> dict:
+    import deepspeed
+
+    out: dict = {"params": {}, "types": {}}
+    stage3 = lds.load_config(launch_configs[2])
+    runs = {Path(path).stem: path for path in launch_configs}
+    runs["stage0"] = {**stage3, "zero_optimization": {"stage": 0}}
+    runs["zero3_subgroups"] = {**stage3, "zero_optimization": {"stage": 3, "sub_group_size": 40}}
+    for name, config in runs.items():
+        engine, *_ = lds.initialize(model=make_model(), config=config)
+        out["types"][name] = type(engine.basic_optimizer).__name__
+        out["params"][name] = _train(engine)
+        if name == "zero3_subgroups":
+            out["subgroups"] = len(engine.optimizer.fp16_groups)  # Lion.step() runs once per sub-group
+
+    lds.register()  # the plain deepspeed.initialize path
+    plain = {
+        "train_micro_batch_size_per_gpu": 32,
+        "zero_optimization": {"stage": 2},
+        "zero_allow_untested_optimizer": True,
+        "optimizer": {"type": "LionDist", "params": {"lr": 0.01, "weight_decay": 0.1, "global_batch_size": 64}},
+    }
+    engine, *_ = deepspeed.initialize(model=make_model(), config=plain)
+    out["types"]["registered"] = type(engine.basic_optimizer).__name__
+    out["params"]["registered"] = _train(engine)
+
+    small = {"train_micro_batch_size_per_gpu": 8, "gradient_accumulation_steps": 2, "zero_optimization": {"stage": 1}}
+    out["small"] = _guard_messages({**small, "optimizer": {"type": "LionDist"}})
+    out["small_error"] = _guard_messages(
+        {**small, "optimizer": {"type": "LionDist", "params": {"batch_size_policy": "error"}}}
+    )
+    out["enough"] = _guard_messages({**small, "train_micro_batch_size_per_gpu": 16, "optimizer": {"type": "LionDist"}})
+    return out
+
+
+@pytest.mark.slow
+def test_every_zero_stage_trains_like_lion_and_the_guard_sees_train_batch_size() -> None:
+    results = spawn(_deepspeed_on_two_ranks, 2, [str(p) for p in LAUNCH_CONFIGS], env={"DS_ACCELERATOR": "cpu"})
+    expected = reference_params({"lr": 0.01, "weight_decay": 0.1})
+    for result in results:
+        assert set(result["params"]) == {
+            "ds_zero1", "ds_zero2", "ds_zero3", "ds_zero3_offload", "stage0", "zero3_subgroups", "registered"
+        }  # fmt: skip
+        assert set(result["types"].values()) == {"Lion"}
+        assert result["subgroups"] > 1
+        for name, params in result["params"].items():
+            assert all(torch.equal(p, e) for p, e in zip(params, expected, strict=True)), name
+        warned, error = result["small_error"]  # "error" raises on every rank
+        assert warned == []
+        assert (
+            "effective batch is 32 (DeepSpeed train_batch_size = micro batch 8 x gradient_accumulation_steps" in error
+        )
+        assert "2 x data-parallel size 2)" in error
+        assert result["enough"] == ([], None)
+    rank0, rank1 = results
+    assert len(rank0["small"][0]) == 1 and rank1["small"] == ([], None)
+    assert "effective batch is 32 (DeepSpeed train_batch_size = micro batch 8" in rank0["small"][0][0]

@@ -1,0 +1,487 @@
+"""The fused Triton kernel against `lion_reference`: on CPU through Triton's interpreter, on CUDA compiled.
+
+Triton reads TRITON_INTERPRET when `triton` is first imported (its own library functions are jit-decorated
+then) and when each kernel is decorated, so one process cannot hold both modes. So the CPU cases run in
+subprocesses, one per mode (`case_results`): the interpreter cases with TRITON_INTERPRET=1, the checks of the
+compiled kernel that need no GPU without it, whatever this process's environment says; each
+`test_interpreter_case[name]` / `test_compiled_case[name]` reports one case's outcome. Nothing in this pytest
+process, and no other test module, ever sees interpreter mode. The `cuda` tests run the compiled kernel here,
+on a GPU: `pytest -m cuda tests/test_triton_kernel.py` (with TRITON_INTERPRET unset).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import itertools
+import json
+import os
+import re
+import subprocess
+import sys
+import traceback
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import torch
+
+from lion_dist import Lion
+from lion_dist.functional import LionHyperparams, lion, lion_reference
+
+ROOT = Path(__file__).resolve().parent.parent
+DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+COMBOS = list(itertools.product(DTYPES, DTYPES, (torch.float32, torch.bfloat16)))  # (param, grad, momentum)
+HP = LionHyperparams(lr=3e-3, beta1=0.9, beta2=0.99, weight_decay=0.1)
+HPS = {
+    "plain": LionHyperparams(lr=1e-2, beta1=0.9, beta2=0.99),
+    "weight_decay": HP,
+    "maximize": LionHyperparams(lr=2e-3, beta1=0.95, beta2=0.98, weight_decay=0.3, maximize=True),
+}
+RUNTIME_ARGS = ("lr", "beta1", "one_minus_beta1", "beta2", "one_minus_beta2", "decay", "seed_lo", "seed_hi", "skip")
+cuda = pytest.mark.cuda
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+def make(sizes, dtypes, device="cpu", seed=0):
+    """Random (params, grads, momenta) lists of the given sizes and (param, grad, momentum) dtypes."""
+    gen = torch.Generator().manual_seed(seed)
+    return tuple([torch.randn(n, generator=gen).to(device, dt) for n in sizes] for dt in dtypes)
+
+
+def clone(tensors):
+    return [t.clone() for t in tensors]
+
+
+def reference(params, grads, exp_avgs, hp):
+    """The reference step applied to copies: (params, momenta)."""
+    ps, ms = clone(params), clone(exp_avgs)
+    for p, g, m in zip(ps, grads, ms, strict=True):
+        lion_reference(p, g, m, hp)
+    return ps, ms
+
+
+def assert_same(got, expected) -> None:
+    """Bit for bit (so -0.0 != 0.0), except that any NaN equals any NaN."""
+    for a, b in zip(got, expected, strict=True):
+        assert a.dtype == b.dtype and a.shape == b.shape
+        assert torch.equal(a.isnan(), b.isnan())
+        bits = {2: torch.int16, 4: torch.int32}[a.element_size()]
+        keep = ~a.isnan()
+        assert torch.equal(a[keep].view(bits), b[keep].view(bits)), (a, b)
+
+
+def step_and_compare(params, grads, exp_avgs, hp, **kwargs) -> None:
+    from lion_dist import triton_kernel
+
+    expected_p, expected_m = reference(params, grads, exp_avgs, hp)
+    triton_kernel.lion_triton(params, grads, exp_avgs, hp, **kwargs)
+    assert_same(params, expected_p)
+    assert_same(exp_avgs, expected_m)
+
+
+class CountLaunches:
+    """Stands in for `_lion_kernel` and counts `kernel[grid](...)` launches."""
+
+    def __init__(self, kernel) -> None:
+        self.kernel, self.grids = kernel, []
+
+    def __getitem__(self, grid):
+        self.grids.append(grid)
+        return self.kernel[grid]
+
+
+# ---------------------------------------------------------------------------- cases run in a subprocess per mode
+
+CASES: dict[str, dict[str, Callable[[], None]]] = {"interpreter": {}, "compiled": {}}
+
+
+def case(fn: Callable[[], None], name: str | None = None, mode: str = "interpreter") -> Callable[[], None]:
+    CASES[mode][name or fn.__name__] = fn
+    return fn
+
+
+def compiled_case(fn: Callable[[], None]) -> Callable[[], None]:
+    return case(fn, mode="compiled")
+
+
+@case
+def interpreter_mode_is_on() -> None:
+    import triton
+
+    from lion_dist import triton_kernel
+
+    assert os.environ["TRITON_INTERPRET"] == "1" and triton_kernel.interpreted()
+    assert not isinstance(triton.language.zeros_like, triton.runtime.jit.JITFunction)
+
+
+@case
+def mixed_mode_is_refused_at_import() -> None:
+    """Triton was imported interpreted; a kernel decorated without the variable could not call its library."""
+    with pytest.MonkeyPatch.context() as env:
+        env.delenv("TRITON_INTERPRET")
+        spec = importlib.util.find_spec("lion_dist.triton_kernel")
+        with pytest.raises(ImportError, match="TRITON_INTERPRET changed between `import triton`"):
+            spec.loader.exec_module(importlib.util.module_from_spec(spec))
+
+
+def dtype_case(dtypes) -> None:
+    """fp32 bit for bit; bf16/fp16 storage equal to the fp32 math rounded once to nearest. Two steps, lr changed."""
+    params, grads, exp_avgs = make((1, 127, 1025), dtypes)
+    step_and_compare(params, grads, exp_avgs, HP)
+    grads = make((1, 127, 1025), dtypes, seed=1)[1]
+    step_and_compare(params, grads, exp_avgs, LionHyperparams(lr=7e-4, beta1=0.9, beta2=0.99, weight_decay=0.1))
+
+
+for _dtypes in COMBOS:
+    case(lambda d=_dtypes: dtype_case(d), "dtypes-" + "-".join(str(t).removeprefix("torch.") for t in _dtypes))
+for _name, _hp in HPS.items():
+    case(lambda hp=_hp: step_and_compare(*make((1, 300, 5000), (torch.float32,) * 3), hp), f"hyperparams-{_name}")
+
+
+@case
+def many_tensors_one_launch_per_dtype_triple() -> None:
+    """Full blocks, tails of a multiple of 16 and odd tails, several blocks per tensor, empty tensors skipped."""
+    from lion_dist import triton_kernel
+
+    sizes = [1, 0, 127, 1025, 4096, 0, 8192, 4096 + 16, 3 * 4096 + 5, *range(2, 300, 7)]
+    fp32, bf16 = make(sizes, (torch.float32,) * 3, seed=2), make(sizes, (torch.bfloat16, torch.float32, torch.bfloat16))
+    params, grads, exp_avgs = (fp32[k] + bf16[k] for k in range(3))
+    with pytest.MonkeyPatch.context() as patch:
+        counter = CountLaunches(triton_kernel._lion_kernel)
+        patch.setattr(triton_kernel, "_lion_kernel", counter)
+        step_and_compare(params, grads, exp_avgs, HP)
+    assert len(counter.grids) == 2
+
+
+@case
+def non_contiguous_inputs_are_updated_in_place() -> None:
+    """Transposed and strided tensors go through contiguous copies; the caller's tensors hold the result."""
+    base = make((6 * 40,), (torch.float32, torch.float32, torch.bfloat16), seed=3)
+    params, exp_avgs = [base[0][0].view(6, 40).t()], [base[2][0].view(6, 40).t()]
+    grads = [base[1][0].view(40, 6)[::2].repeat(2, 1).t().contiguous().t()]
+    assert not any(t[0].is_contiguous() for t in (params, grads, exp_avgs))
+    for _ in range(2):
+        step_and_compare(params, grads, exp_avgs, HP)
+    assert params[0].data_ptr() == base[0][0].data_ptr() and exp_avgs[0].data_ptr() == base[2][0].data_ptr()
+
+
+@case
+def skip_flag_writes_nothing() -> None:
+    """Read on the device by the kernel: through `lion_triton` and through the `lion(backend="triton")` dispatch."""
+    from lion_dist import triton_kernel
+
+    params, grads, exp_avgs = make((5, 4097), (torch.bfloat16, torch.float32, torch.float32), seed=4)
+    before = clone(params), clone(exp_avgs)
+    triton_kernel.lion_triton(params, grads, exp_avgs, HP, skip=torch.ones(1, dtype=torch.int32), sr_seed=3)
+    lion(params, grads, exp_avgs, HP, backend="triton", skip=torch.full((1,), 7, dtype=torch.int32))
+    assert_same(params, before[0])
+    assert_same(exp_avgs, before[1])
+    step_and_compare(params, grads, exp_avgs, HP, skip=torch.zeros(1, dtype=torch.int32))
+
+
+@case
+def nonfinite_values_propagate_like_the_reference() -> None:
+    params, grads, exp_avgs = make((64,), (torch.float32, torch.float32, torch.bfloat16), seed=5)
+    grads[0][[3, 9, 20]] = torch.tensor([float("nan"), float("inf"), -float("inf")])
+    params[0][[30, 31]] = torch.tensor([float("inf"), -0.0])
+    grads[0][31], exp_avgs[0][31] = 0.0, 0.0  # c == 0, u == +0: p == -0.0 keeps its sign, as in the reference
+    step_and_compare(params, grads, exp_avgs, HP)
+    assert params[0][[3, 9, 20]].isnan().all()
+
+
+@case
+def fused_multiply_add_decides_the_sign_when_terms_cancel() -> None:
+    """Where fl(m * b1) == -fl(g * (1 - b1)), only an fma's single rounding leaves c != 0, so p moves."""
+    hp = HPS["plain"]
+    g = torch.randn(4096, generator=torch.Generator().manual_seed(9))
+    b1, one_minus_b1 = torch.tensor(hp.beta1), torch.tensor(1 - hp.beta1)
+    target = -(g * one_minus_b1)
+    m = target / b1
+    for _ in range(4):  # nudge m by one ulp towards m * b1 == target
+        m = torch.where(m * b1 < target, m.nextafter(m + 1), torch.where(m * b1 > target, m.nextafter(m - 1), m))
+    keep = m * b1 == target
+    params, grads, exp_avgs = [torch.randn(int(keep.sum()))], [g[keep]], [m[keep]]
+    before = params[0].clone()
+    step_and_compare(params, grads, exp_avgs, hp)
+    assert params[0].numel() > 3000 and (params[0] != before).float().mean() > 0.99
+
+
+@case
+def stochastic_rounding_is_unbiased_and_reproducible() -> None:
+    """Each output is the fp32 result cut to bf16 or one ulp above, the mean is the fp32 result, a seed
+    reproduces its draw; fp16 and fp32 params and bf16 momentum still round to nearest."""
+    from lion_dist import triton_kernel
+
+    n, ulp = 4096, 2.0**-7  # bf16 spacing in [1, 2)
+    hp = LionHyperparams(lr=0.3 * ulp, beta1=0.9, beta2=0.99)
+    exact = 1.0 + torch.tensor(0.3 * ulp, dtype=torch.float32)  # the fp32 result, 30% of the way up
+    draws = []
+    for seed in range(4):  # two equal tensors per launch: their draws must differ too
+        p = [torch.ones(n, dtype=torch.bfloat16), torch.ones(n, dtype=torch.bfloat16)]
+        triton_kernel.lion_triton(
+            p, [-torch.ones(n)] * 2, [torch.zeros(n, dtype=torch.bfloat16) for _ in p], hp, sr_seed=seed
+        )
+        draws += [p[0].float(), p[1].float()]
+    draws = torch.stack(draws)
+    assert set(draws.unique().tolist()) == {1.0, 1.0 + ulp}
+    assert abs(draws.mean().item() - exact.item()) < 0.02 * ulp  # 8 sigma; round to nearest is 0.3 ulp off
+    assert not torch.equal(draws[0], draws[1]) and not torch.equal(draws[0], draws[2])
+
+    params, grads, exp_avgs = make((3, 1030), (torch.bfloat16, torch.float32, torch.bfloat16), seed=6)
+    nearest, _ = reference(params, grads, exp_avgs, hp)
+    exact_p, _ = reference([p.float() for p in params], grads, [m.float() for m in exp_avgs], hp)
+    runs = []
+    for _ in range(2):
+        ps, ms = clone(params), clone(exp_avgs)
+        triton_kernel.lion_triton(ps, grads, ms, hp, sr_seed=12345678901234)
+        runs.append(ps)
+    assert_same(runs[0], runs[1])
+    assert not all(torch.equal(a, b) for a, b in zip(runs[0], nearest, strict=True))
+    for got, x in zip(runs[0], exact_p, strict=True):
+        cut = x.view(torch.int32) & -65536
+        assert torch.isin(got.float().view(torch.int32) - cut, torch.tensor([0, 65536], dtype=torch.int32)).all()
+
+    step_and_compare(*make((129,), (torch.float16, torch.float32, torch.bfloat16), seed=7), hp, sr_seed=5)
+    step_and_compare(*make((129,), (torch.float32, torch.bfloat16, torch.float32), seed=8), hp, sr_seed=5)
+
+
+@case
+def bad_inputs_raise_clear_errors() -> None:
+    import torch.distributed as dist
+    from torch.distributed.tensor import DeviceMesh, Shard, distribute_tensor
+
+    from lion_dist import triton_kernel
+
+    params, grads, exp_avgs = make((8,), (torch.float32,) * 3)
+    with pytest.raises(TypeError, match=r"a grad has dtype torch\.float64"):
+        triton_kernel.lion_triton(params, [grads[0].double()], exp_avgs, HP)
+    cautious = LionHyperparams(lr=1e-3, beta1=0.9, beta2=0.99, cautious_factor=0.0)
+    with pytest.raises(ValueError, match="cautious Lion runs on backend='foreach'"):
+        triton_kernel.lion_triton(params, grads, exp_avgs, cautious)
+    with pytest.raises(ValueError, match="param 0 has 8 elements, its grad 7"):
+        triton_kernel.lion_triton(params, [torch.zeros(7)], exp_avgs, HP)
+    with pytest.raises(ValueError, match="1-element int32"):
+        triton_kernel.lion_triton(params, grads, exp_avgs, HP, skip=torch.zeros(1, dtype=torch.bool))
+    with pytest.raises(RuntimeError, match=r"interpreter.*takes CPU tensors, got meta"):
+        triton_kernel.lion_triton(*([torch.empty(8, device="meta")] for _ in range(3)), HP)
+    dist.init_process_group("gloo", rank=0, world_size=1, store=dist.HashStore())
+    try:
+        dtensor = distribute_tensor(params[0], DeviceMesh("cpu", [0]), [Shard(0)])
+        with pytest.raises(TypeError, match=r"data_ptr\(\) is 0 \(a DTensor\?\): pass its local shard"):
+            triton_kernel.lion_triton([dtensor], grads, exp_avgs, HP)
+    finally:
+        dist.destroy_process_group()
+
+
+@case
+def optimizer_end_to_end_matches_reference() -> None:
+    """`Lion(backend="triton")` equals `Lion(backend="reference")` over 10 steps: groups, dtypes, lr schedule."""
+
+    def train(backend: str) -> list[torch.Tensor]:
+        gen = torch.Generator().manual_seed(0)
+        weights = [torch.randn(s, generator=gen) for s in ((33, 7), (129,), (1,), (4, 5, 6), (40, 30))]
+        params = [w.clone().requires_grad_() for w in weights[:3]]
+        params += [weights[3].bfloat16().requires_grad_(), weights[4].t().requires_grad_()]
+        opt = Lion(
+            [
+                {"params": params[:2], "weight_decay": 0.5},
+                {"params": params[2:3], "maximize": True, "betas": (0.95, 0.98)},
+                {"params": params[3:], "momentum_dtype": torch.bfloat16, "decoupled_weight_decay": True},
+            ],
+            lr=3e-3,
+            weight_decay=1e-3,
+            backend=backend,
+            batch_size_policy="ignore",
+        )
+        schedule = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 1.0 / (1 + step))
+        for _ in range(10):
+            for p in params:
+                p.grad = torch.randn(p.shape, generator=gen).to(p.dtype)
+            opt.step()
+            schedule.step()
+        return params + [opt.state[p]["exp_avg"] for p in params]
+
+    assert_same(train("triton"), train("reference"))
+
+
+@compiled_case
+def cpu_tensors_without_the_interpreter_get_a_clear_error() -> None:
+    from lion_dist import triton_kernel
+
+    assert "TRITON_INTERPRET" not in os.environ and not triton_kernel.interpreted()
+    params, grads, exp_avgs = make((8,), (torch.float32,) * 3)
+    with pytest.raises(RuntimeError, match=r"needs CUDA tensors.*backend='foreach'.*TRITON_INTERPRET=1"):
+        triton_kernel.lion_triton(params, grads, exp_avgs, HP)
+    with pytest.raises(RuntimeError, match="needs CUDA tensors"):
+        lion(params, grads, exp_avgs, HP, backend="triton")
+
+
+@compiled_case
+def runtime_values_are_not_constexprs() -> None:
+    """An lr schedule or a new seed each step must not recompile: they are plain, unspecialized arguments."""
+    from lion_dist import triton_kernel
+
+    params = {p.name: p for p in triton_kernel._lion_kernel.params}
+    assert not any(params[name].is_constexpr for name in RUNTIME_ARGS)
+    assert params["seed_lo"].do_not_specialize and params["seed_hi"].do_not_specialize
+
+
+@compiled_case
+def compiles_for_a_gpu_with_128_bit_accesses() -> None:
+    """Without a GPU: Triton compiles the kernel for sm_90, full blocks use 16-byte loads and stores, and the
+    fp32 math is the explicit fma.rn of the reference."""
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource, compile
+
+    from lion_dist import triton_kernel
+
+    tl = triton_kernel.tl
+    signature = {"ptrs": "*i64", "layout": "*i64", "block_tensor": "*i32", "skip": "*i32"}
+    signature |= dict.fromkeys(RUNTIME_ARGS[:6], "fp32") | {"seed_lo": "i32", "seed_hi": "i32"}
+    for p_dtype, m_dtype, stochastic in ((tl.float32, tl.float32, False), (tl.bfloat16, tl.bfloat16, True)):
+        constexprs = dict(P_DTYPE=p_dtype, G_DTYPE=tl.float32, M_DTYPE=m_dtype, BLOCK=4096, ALIGNED=True)
+        constexprs |= dict(HAS_SKIP=True, MAXIMIZE=False, STOCHASTIC=stochastic)
+        source = ASTSource(triton_kernel._lion_kernel, signature | dict.fromkeys(constexprs, "constexpr"), constexprs)
+        options = {"num_warps": 8, "enable_fp_fusion": False}
+        ptx = compile(source, target=GPUTarget("cuda", 90, 32), options=options).asm["ptx"]
+        assert re.search(r"ld\.global[.\w]*\.v4\.b32", ptx) and re.search(r"st\.global[.\w]*\.v4\.b32", ptx)
+        assert "fma.rn.f32" in ptx
+
+
+def _run(mode: str, names: list[str]) -> None:
+    """Subprocess entry: run the named cases, print {name: None or the traceback} as JSON on the last line."""
+    torch.set_num_threads(1)
+    results = {}
+    for name in names:
+        try:
+            CASES[mode][name]()
+            results[name] = None
+        except (Exception, pytest.fail.Exception):  # pytest.raises' "DID NOT RAISE" is not an Exception
+            results[name] = traceback.format_exc()
+    print("\n" + json.dumps(results))
+
+
+@pytest.fixture(scope="module")
+def case_results(request: pytest.FixtureRequest) -> dict[str, dict[str, str | None]]:
+    """Run the selected cases of each mode in one subprocess, with TRITON_INTERPRET=1 or without it."""
+    results = {}
+    for mode in CASES:
+        test = f"test_{mode}_case"
+        names = sorted(
+            {it.callspec.params["name"] for it in request.session.items if getattr(it, "originalname", "") == test}
+        )
+        if not names:
+            continue
+        env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+        proc = subprocess.run(
+            [sys.executable, "-c", f"from tests.test_triton_kernel import _run; _run({mode!r}, {names!r})"],
+            cwd=ROOT,
+            env=env | {"TRITON_INTERPRET": "1"} if mode == "interpreter" else env,
+            capture_output=True,
+            text=True,
+            timeout=900,
+        )
+        lines = proc.stdout.strip().splitlines()
+        if proc.returncode or not lines:
+            pytest.fail(f"the {mode} subprocess failed (exit {proc.returncode}):\n{proc.stderr[-5000:]}")
+        results[mode] = json.loads(lines[-1])
+    return results
+
+
+@pytest.mark.parametrize("name", list(CASES["interpreter"]))
+def test_interpreter_case(case_results: dict[str, dict[str, str | None]], name: str) -> None:
+    if error := case_results["interpreter"][name]:
+        pytest.fail(error, pytrace=False)
+
+
+@pytest.mark.parametrize("name", list(CASES["compiled"]))
+def test_compiled_case(case_results: dict[str, dict[str, str | None]], name: str) -> None:
+    """The compiled kernel's checks that need no GPU."""
+    if error := case_results["compiled"][name]:
+        pytest.fail(error, pytrace=False)
+
+
+# ---------------------------------------------------------------------------- compiled kernel on CUDA
+
+
+@cuda
+@needs_cuda
+@pytest.mark.parametrize("name", list(HPS))
+def test_cuda_every_dtype_combination_matches_reference(name: str) -> None:
+    sizes = (1, 127, 1025, 4096, 4096 + 16, 3 * 4096 + 5, 1 << 20)
+    for dtypes in COMBOS:
+        step_and_compare(*make(sizes, dtypes, device="cuda"), HPS[name])
+
+
+@cuda
+@needs_cuda
+def test_cuda_unaligned_and_strided_views() -> None:
+    """Views at odd offsets take the unaligned (scalar access) variant; strided ones go through copies."""
+    params, grads, exp_avgs = make((10_001,), (torch.float32, torch.bfloat16, torch.float32), device="cuda")
+    for view in (slice(1, None), slice(3, 3000, 2)):
+        step_and_compare([params[0][view]], [grads[0][view]], [exp_avgs[0][view]], HP)
+
+
+@cuda
+@needs_cuda
+def test_cuda_no_recompilation_no_sync_and_skip() -> None:
+    """A new lr, weight decay and seed every step compile nothing new and never sync; the flag skips on device."""
+    from lion_dist import triton_kernel
+
+    params, grads, exp_avgs = make((1000, 5000), (torch.bfloat16, torch.float32, torch.float32), device="cuda")
+    flag = torch.zeros(1, dtype=torch.int32, device="cuda")
+    triton_kernel.lion_triton(params, grads, exp_avgs, HP, skip=flag, sr_seed=0)
+    cache = triton_kernel._lion_kernel.device_caches[torch.cuda.current_device()][0]
+    compiled = len(cache)
+    for step in range(1, 6):
+        hp = LionHyperparams(lr=1e-3 / step, beta1=0.9, beta2=0.99, weight_decay=0.1 * step)
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            triton_kernel.lion_triton(params, grads, exp_avgs, hp, skip=flag, sr_seed=step * 1_000_003 + (1 << 40))
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    assert len(cache) == compiled
+    before = clone(params), clone(exp_avgs)
+    flag.fill_(1)
+    triton_kernel.lion_triton(params, grads, exp_avgs, HP, skip=flag, sr_seed=9)
+    assert_same(params, before[0])
+    assert_same(exp_avgs, before[1])
+
+
+@cuda
+@needs_cuda
+def test_cuda_stochastic_rounding_unbiased_and_reproducible() -> None:
+    from lion_dist import triton_kernel
+
+    n, ulp = 1 << 20, 2.0**-7
+    hp = LionHyperparams(lr=0.3 * ulp, beta1=0.9, beta2=0.99)
+    draws = []
+    for seed in (11, 11, 12):
+        p, g = [torch.ones(n, dtype=torch.bfloat16, device="cuda")], [-torch.ones(n, device="cuda")]
+        triton_kernel.lion_triton(p, g, [torch.zeros(n, device="cuda")], hp, sr_seed=seed)
+        draws.append(p[0].float())
+    assert torch.equal(draws[0], draws[1]) and not torch.equal(draws[0], draws[2])
+    exact = 1.0 + torch.tensor(0.3 * ulp, dtype=torch.float32)
+    assert abs(draws[0].mean().item() - exact.item()) < 0.01 * ulp
+
+
+@cuda
+@needs_cuda
+def test_cuda_optimizer_auto_uses_triton_and_matches_reference(monkeypatch: pytest.MonkeyPatch) -> None:
+    from lion_dist import triton_kernel
+
+    counter = CountLaunches(triton_kernel._lion_kernel)
+    monkeypatch.setattr(triton_kernel, "_lion_kernel", counter)
+
+    def train(backend: str) -> list[torch.Tensor]:
+        gen = torch.Generator().manual_seed(0)
+        params = [torch.randn(s, generator=gen).cuda().requires_grad_() for s in ((300, 70), (129,), (1,))]
+        opt = Lion(params, lr=3e-3, weight_decay=0.1, backend=backend, batch_size_policy="ignore")
+        for _ in range(10):
+            for p in params:
+                p.grad = torch.randn(p.shape, generator=gen).cuda()
+            opt.step()
+        return params + [opt.state[p]["exp_avg"] for p in params]
+
+    assert_same(train("auto"), train("reference"))
+    assert len(counter.grids) == 10
