@@ -51,7 +51,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from lion_dist import functional
 from lion_dist.functional import LionHyperparams
-from lion_dist.optimizer import _SEED_MIX, Lion, _LocalWork
+from lion_dist.optimizer import Lion, _LocalWork
 
 AGGREGATES = ("vote", "mean")
 TRANSPORTS = ("auto", "gather", "reduce")
@@ -200,7 +200,7 @@ class DistributedLion(Lion):
 
     Use it with gradients that were *not* all-reduced (`enable(model)` / `setup(...)`). Every argument of
     `lion_dist.Lion` works, except `cautious_factor` (its mask needs each replica's own gradient, so replicas
-    would diverge); `stochastic_rounding` needs an explicit `seed`, the same on every replica.
+    would diverge). `stochastic_rounding` draws the same noise on every replica (the seed defaults to 0 everywhere).
 
     Args:
         aggregate: "vote" (u = sign of the summed votes; the paper's majority vote, a tie moves nothing) or
@@ -220,7 +220,6 @@ class DistributedLion(Lion):
         aggregate: str = "vote",
         process_group: ProcessGroup | None = None,
         transport: str = "auto",
-        seed: int | None = None,
         **lion_kwargs: Any,
     ) -> None:
         if aggregate not in AGGREGATES:
@@ -235,32 +234,23 @@ class DistributedLion(Lion):
         self.aggregate = aggregate
         self.transport = transport
         self.process_group = process_group
-        self._seed_given = seed is not None
         self._meshes_checked = False
-        super().__init__(params, lr, betas, weight_decay, seed=seed, **lion_kwargs)
+        super().__init__(params, lr, betas, weight_decay, **lion_kwargs)
 
     def __getstate__(self) -> dict[str, Any]:  # pickling and copy.deepcopy keep the exchange settings
-        own = ("aggregate", "transport", "process_group", "_seed_given", "_meshes_checked")
+        own = ("aggregate", "transport", "process_group", "_meshes_checked")
         return {**super().__getstate__(), **{key: self.__dict__[key] for key in own}}
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         super().add_param_group(param_group)
         group = self.param_groups[-1]
-        problem = None
         if group["cautious_factor"] is not None:
-            problem = (
-                f"cautious_factor={group['cautious_factor']!r}: the cautious mask depends on each replica's own "
-                "gradient, so replicas would apply different updates; use cautious_factor=None (cautious_wd=True "
-                "works: it masks with the agreed update)"
-            )
-        elif group["stochastic_rounding"] and not self._seed_given:
-            problem = (
-                "stochastic_rounding=True without a seed: each replica would draw different rounding noise and "
-                "the replicas would drift apart; pass seed=<int>, the same on every replica"
-            )
-        if problem:
             self.param_groups.pop()
-            raise ValueError(f"DistributedLion cannot use {problem}")
+            raise ValueError(
+                f"DistributedLion cannot use cautious_factor={group['cautious_factor']!r}: the cautious mask depends "
+                "on each replica's own gradient, so replicas would apply different updates; use cautious_factor=None "
+                "(cautious_wd=True works: it masks with the agreed update)"
+            )
 
     def group_size(self) -> int:
         """How many replicas exchange signs (1 without torch.distributed)."""
@@ -276,18 +266,9 @@ class DistributedLion(Lion):
         world = self.group_size()
         if world == 1:
             return super().step(closure)
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        self._batch_guard.check(p for group in self.param_groups for p in group["params"])
-
-        works = [self._gather(gi, group) for gi, group in enumerate(self.param_groups)]
+        loss, works, skip = self._prepare_step(closure)
         if not self._meshes_checked:
             self._check_meshes([p for work in works for p in work.params])
-        skip = self._nonfinite.check(
-            [g for work in works for g in work.local_grads], [n for work in works for n in work.names].__getitem__
-        )
         if skip is not None and bool(skip):  # a device flag is read on the host: the exchange syncs anyway
             return loss
 
@@ -344,21 +325,9 @@ class DistributedLion(Lion):
         """p <- p * (1 - lr * wd) - lr * u on every replica, with plain Lion's rounding and write-back."""
         hp = self._hyperparams(group)
         directions = [u.view_as(p) for u, p in zip(update.split([p.numel() for p in params]), params, strict=True)]
-        p32 = [p.float() for p in params]  # fp32 params alias themselves: updated in place
-        if hp.weight_decay != 0:
-            if hp.cautious_wd:
-                for p, u in zip(p32, directions, strict=True):
-                    p.copy_(torch.where(u * p > 0, p * hp.decay, p))
-            else:
-                torch._foreach_mul_(p32, hp.decay)
-        torch._foreach_add_(p32, directions, alpha=-hp.lr)
-        generator = None
-        if group["stochastic_rounding"]:
-            seed = ((group["seed"] * _SEED_MIX + gi) * _SEED_MIX + group["step"]) % (1 << 62)
-            generator = functional.stochastic_rounding_generator(seed, params[0].device)
-        for p, new in zip(params, p32, strict=True):
-            if new is not p:
-                functional._write_back(p, new, generator)
+        seed = self._sr_seed(gi, group)
+        generator = None if seed is None else functional.stochastic_rounding_generator(seed, params[0].device)
+        functional.apply_direction(params, directions, hp, generator)
 
     def _check_meshes(self, params: Sequence[Tensor]) -> None:
         """Refuse to vote across ranks that hold different shards of a param (that would mix unrelated elements)."""

@@ -142,6 +142,26 @@ def cautious_aligned_counts(grads: Sequence[Tensor], exp_avgs: Sequence[Tensor],
     return counts
 
 
+def apply_direction(
+    params: Sequence[Tensor], directions: Sequence[Tensor], hp: LionHyperparams, sr_generator: torch.Generator | None
+) -> None:
+    """`p <- p * (1 - lr * wd) - lr * u` for given fp32 directions `u`, with foreach ops, in place on `params`.
+
+    The param half of a Lion step, shared by the foreach path and Distributed Lion (whose `u` is a vote).
+    """
+    p32 = [p.float() for p in params]  # fp32 params alias themselves and are updated in place
+    if hp.weight_decay != 0:
+        if hp.cautious_wd:
+            for p, u in zip(p32, directions, strict=True):
+                p.copy_(torch.where(u * p > 0, p * hp.decay, p))
+        else:
+            torch._foreach_mul_(p32, hp.decay)
+    torch._foreach_add_(p32, directions, alpha=-hp.lr)
+    for p, p_new in zip(params, p32, strict=True):
+        if p_new is not p:
+            _write_back(p, p_new, sr_generator)
+
+
 def _lion_foreach_bucket(
     params: list[Tensor],
     grads: list[Tensor],
@@ -152,7 +172,6 @@ def _lion_foreach_bucket(
 ) -> None:
     """Lion over tensors of one device and one (param, grad, momentum) dtype triple, with torch._foreach ops."""
     fp32 = torch.float32
-    p32 = params if params[0].dtype == fp32 else [p.float() for p in params]
     m32 = exp_avgs if exp_avgs[0].dtype == fp32 else [m.float() for m in exp_avgs]
     g32 = grads if grads[0].dtype == fp32 else [g.float() for g in grads]
     if hp.maximize:
@@ -172,19 +191,9 @@ def _lion_foreach_bucket(
             s = torch.where((ui * gi) > 0, 1.0, hp.cautious_factor).to(fp32)
             u[i] = ui * (s / mean)
 
-    if hp.weight_decay != 0:
-        if hp.cautious_wd:
-            for pi, ui in zip(p32, u, strict=True):
-                pi.copy_(torch.where(ui * pi > 0, pi * hp.decay, pi))
-        else:
-            torch._foreach_mul_(p32, hp.decay)
-    torch._foreach_add_(p32, u, alpha=-hp.lr)
+    apply_direction(params, u, hp, sr_generator)
     torch._foreach_mul_(m32, hp.beta2)
     torch._foreach_add_(m32, g32, alpha=1 - hp.beta2)
-
-    if p32 is not params:
-        for p, p_new in zip(params, p32, strict=True):
-            _write_back(p, p_new, sr_generator)
     if m32 is not exp_avgs:
         torch._foreach_copy_(exp_avgs, m32)
 

@@ -8,7 +8,10 @@ here by accident. We make it a policy:
   all-reduce; on GPU the fused kernel reads the flag on the device, so there is no host sync). Skipped steps
   are counted and rank 0 warns once.
 - "error": every rank raises `NonFiniteGradientError`; the rank holding the bad gradient names the param.
-- "ignore": no check (fastest); non-finite values propagate into params and momentum.
+- "ignore" (the default): no check; non-finite values propagate into params and momentum as NaN, visibly.
+
+The check reads every gradient once more: `benchmarks/step.py` measures it at +20-30% of a fused step (2-core
+CPU), far over the 5% the design allows for a default, so "ignore" is the default and "skip" is one argument away.
 """
 
 from __future__ import annotations

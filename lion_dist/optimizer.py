@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 from torch import Tensor
+from torch.distributed.tensor import DTensor
 from torch.optim import Optimizer
 
 from lion_dist import functional, shards
@@ -34,7 +35,7 @@ class _LocalWork:
     local_params: list[Tensor] = field(default_factory=list)
     local_grads: list[Tensor] = field(default_factory=list)
     local_exp_avgs: list[Tensor] = field(default_factory=list)
-    names: list[str] = field(default_factory=list)
+    positions: list[int] = field(default_factory=list)  # index of each param in its group, to name it in errors
 
 
 def _is_real_number(value: Any) -> bool:
@@ -74,6 +75,8 @@ def _validate_group(group: dict[str, Any]) -> None:
             f"momentum_dtype must be None (the param's dtype), torch.float32 or torch.bfloat16, "
             f"got {group['momentum_dtype']!r}"
         )
+    if not isinstance(group["seed"], int) or isinstance(group["seed"], bool):
+        raise TypeError(f"seed must be an int, got {group['seed']!r}")
     for flag in ("decoupled_weight_decay", "cautious_wd", "maximize", "stochastic_rounding"):
         if not isinstance(group[flag], bool):
             raise TypeError(f"{flag} must be a bool, got {group[flag]!r}")
@@ -102,8 +105,11 @@ class Lion(Optimizer):
         momentum_dtype: None (the param's dtype), torch.float32 or torch.bfloat16. Math is fp32 always.
         backend: "auto" (fused Triton on CUDA, fused C on CPU where available, else foreach), "foreach",
             "triton", "cpu_fused" or "reference". `use_triton=True/False` maps to "triton"/"foreach".
-        stochastic_rounding, seed: round bf16 params stochastically, reproducibly from `seed`.
-        nonfinite: "skip", "error" or "ignore" a step with a NaN/Inf gradient (see `nonfinite.py`).
+        stochastic_rounding, seed: round bf16 params stochastically, reproducibly from `seed` (0 by default, the
+            same on every rank, so replicated shards round alike).
+        nonfinite: "ignore" (default: no check; a NaN/Inf gradient shows up as NaN in the param), "skip" the step
+            on every rank, or raise ("error"). The check reads every gradient once more, about +25% on a fused
+            step, hence off by default (see `nonfinite.py` and benchmarks/RESULTS.md).
         global_batch_size, micro_batch_size, grad_accum_steps, min_batch_size, batch_size_policy: the batch
             guard (see `batch_guard.py`).
     """
@@ -123,8 +129,8 @@ class Lion(Optimizer):
         backend: str = "auto",
         use_triton: bool | None = None,
         stochastic_rounding: bool = False,
-        seed: int | None = None,
-        nonfinite: str = "skip",
+        seed: int = 0,
+        nonfinite: str = "ignore",
         global_batch_size: int | None = None,
         micro_batch_size: int | None = None,
         grad_accum_steps: int = 1,
@@ -137,10 +143,6 @@ class Lion(Optimizer):
                     f"pass backend or use_triton, not both (got backend={backend!r}, use_triton={use_triton!r})"
                 )
             backend = "triton" if use_triton else "foreach"
-        if seed is None:
-            seed = torch.initial_seed() % (1 << 62)
-        elif not isinstance(seed, int) or isinstance(seed, bool):
-            raise TypeError(f"seed must be an int or None, got {seed!r}")
         defaults = dict(
             lr=lr,
             betas=betas,
@@ -272,27 +274,66 @@ class Lion(Optimizer):
             cautious_wd=group["cautious_wd"],
         )
 
-    def _gather(self, gi: int, group: dict[str, Any]) -> _LocalWork:
-        """Local tensors of the group's params that have a grad, creating momentum at the first step."""
-        work = _LocalWork()
+    def _param_name(self, gi: int, pi: int) -> str:
+        """How errors name a param: its name when the optimizer got `named_parameters()`, else its position."""
+        group = self.param_groups[gi]
         names = group.get("param_names")
+        if names:
+            return names[pi]
+        return f"param_groups[{gi}]['params'][{pi}] (shape {tuple(group['params'][pi].shape)})"
+
+    def _gather(self, gi: int, group: dict[str, Any]) -> _LocalWork:
+        """Local tensors of the group's params that have a grad, creating momentum at the first step.
+
+        This runs for every param on every step, so plain tensors take the shortest path.
+        """
+        work = _LocalWork()
+        state_of = self.state
         for pi, p in enumerate(group["params"]):
-            if p.grad is None:
+            grad = p.grad
+            if grad is None:
                 continue
-            name = names[pi] if names else f"param_groups[{gi}]['params'][{pi}] (shape {tuple(p.shape)})"
-            if p.grad.is_sparse:
+            if grad.is_sparse:
                 raise TypeError(
-                    f"Lion does not support sparse gradients, got one for {name}; use a dense embedding (sparse=False)"
+                    f"Lion does not support sparse gradients, got one for {self._param_name(gi, pi)}; "
+                    "use a dense embedding (sparse=False)"
                 )
-            state = self.state[p]
-            if "exp_avg" not in state:
-                state["exp_avg"] = shards.new_momentum(p, group["momentum_dtype"] or p.dtype)
+            state = state_of[p]
+            exp_avg = state.get("exp_avg")
+            if exp_avg is None:
+                exp_avg = state["exp_avg"] = shards.new_momentum(p, group["momentum_dtype"] or p.dtype)
             work.params.append(p)
-            work.local_params.append(shards.local(p))
-            work.local_grads.append(shards.local_grad(p, name))
-            work.local_exp_avgs.append(shards.local(state["exp_avg"]))
-            work.names.append(name)
+            work.positions.append(pi)
+            if isinstance(p, DTensor):
+                work.local_params.append(shards.local(p))
+                work.local_grads.append(shards.local_grad(p, self._param_name(gi, pi)))
+                work.local_exp_avgs.append(shards.local(exp_avg))
+            else:
+                work.local_params.append(p)
+                work.local_grads.append(grad)
+                work.local_exp_avgs.append(exp_avg)
         return work
+
+    def _prepare_step(self, closure: Callable[[], float] | None) -> tuple[Any, list[_LocalWork], bool | Tensor | None]:
+        """What every step does before the update: the closure, the batch guard, local tensors, the non-finite
+        policy. Returns (loss, each group's work, the skip decision)."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        self._batch_guard.check(p for group in self.param_groups for p in group["params"])
+        works = [self._gather(gi, group) for gi, group in enumerate(self.param_groups)]
+        grads = [g for work in works for g in work.local_grads]
+        where = [(gi, pi) for gi, work in enumerate(works) for pi in work.positions]
+        skip = self._nonfinite.check(grads, lambda i: self._param_name(*where[i]))
+        return loss, works, skip
+
+    @staticmethod
+    def _sr_seed(gi: int, group: dict[str, Any]) -> int | None:
+        """This step's stochastic-rounding seed for group `gi` (None: round to nearest)."""
+        if not group["stochastic_rounding"]:
+            return None
+        return ((group["seed"] * _SEED_MIX + gi) * _SEED_MIX + group["step"]) % (1 << 62)
 
     def _cautious_means(self, work: _LocalWork, hp: LionHyperparams) -> list[Tensor]:
         """Each tensor's cautious mean over the whole tensor: local counts, summed over shards in one batch."""
@@ -306,35 +347,25 @@ class Lion(Optimizer):
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None) -> float | None:  # type: ignore[override]
         """One Lion step on every local shard; returns the closure's loss."""
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        self._batch_guard.check(p for group in self.param_groups for p in group["params"])
-
-        works = [self._gather(gi, group) for gi, group in enumerate(self.param_groups)]
-        grads = [g for work in works for g in work.local_grads]
-        names = [n for work in works for n in work.names]
-        skip = self._nonfinite.check(grads, names.__getitem__)
+        loss, works, skip = self._prepare_step(closure)
         if skip is True:
             return loss
 
         for gi, (group, work) in enumerate(zip(self.param_groups, works, strict=True)):
             hp = self._hyperparams(group)
             means = self._cautious_means(work, hp) if hp.cautious_factor is not None else None
-            keep = [i for i, p in enumerate(work.local_params) if p.numel() > 0]
-            if keep:
+            tensors = (work.local_params, work.local_grads, work.local_exp_avgs, means)
+            if any(p.numel() == 0 for p in work.local_params):  # empty local shards: nothing to update
+                keep = [i for i, p in enumerate(work.local_params) if p.numel() > 0]
+                tensors = tuple(None if ts is None else [ts[i] for i in keep] for ts in tensors)
+            if tensors[0]:
                 functional.lion(
-                    [work.local_params[i] for i in keep],
-                    [work.local_grads[i] for i in keep],
-                    [work.local_exp_avgs[i] for i in keep],
+                    *tensors[:3],
                     hp,
                     backend=group["backend"],
-                    means=None if means is None else [means[i] for i in keep],
+                    means=tensors[3],
                     skip=skip if isinstance(skip, Tensor) else None,
-                    sr_seed=((group["seed"] * _SEED_MIX + gi) * _SEED_MIX + group["step"]) % (1 << 62)
-                    if group["stochastic_rounding"]
-                    else None,
+                    sr_seed=self._sr_seed(gi, group),
                 )
             if hp.lr != 0:
                 group["step"] += 1

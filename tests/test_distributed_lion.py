@@ -419,8 +419,6 @@ def test_bad_arguments_name_the_value_and_the_fix() -> None:
         DistributedLion(params, process_group="replicate")
     with pytest.raises(ValueError, match=r"cautious_factor=0.5.*cautious_factor=None"):
         DistributedLion(params, cautious_factor=0.5)
-    with pytest.raises(ValueError, match="seed=<int>"):
-        DistributedLion(params, stochastic_rounding=True)
     opt = DistributedLion(params)
     with pytest.raises(ValueError, match="cautious_factor"):
         opt.add_param_group({"params": [torch.zeros(2)], "cautious_factor": 0.0})

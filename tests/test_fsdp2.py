@@ -123,7 +123,7 @@ def _world4(rank: int, world: int) -> dict:
         out["hsdp_placements"] = {str(p.placements) for p in params}
 
     # bf16 params with stochastic rounding: the two replicas of each shard must round identically, which
-    # needs the same `seed` on every rank (the default comes from torch.initial_seed(), per process).
+    # needs the same `seed` on every rank (the default, 0, is; an explicit one must be too).
     model = fsdp2_probe(hsdp).to(torch.bfloat16)
     params = list(model.parameters())
     opt = Lion(params, lr=LR, stochastic_rounding=True, seed=1234, **QUIET)

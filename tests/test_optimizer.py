@@ -146,9 +146,21 @@ def test_scheduler_changes_take_effect_at_once() -> None:
     assert torch.equal(p.detach(), torch.full((4,), -0.25))
 
 
-def test_state_dict_resume_equals_uninterrupted_run() -> None:
-    params = make_params()
-    kwargs = dict(lr=3e-3, weight_decay=0.1, decoupled_weight_decay=True, momentum_dtype=torch.bfloat16)
+RESUMES = {
+    "bf16_momentum": (
+        torch.float32,
+        dict(weight_decay=0.1, decoupled_weight_decay=True, momentum_dtype=torch.bfloat16),
+    ),
+    # stochastic rounding's seed and step ride in the param groups: a resumed run draws the same noise
+    "stochastic_rounding": (torch.bfloat16, dict(weight_decay=0.1, stochastic_rounding=True, seed=11)),
+}
+
+
+@pytest.mark.parametrize("name", list(RESUMES))
+def test_state_dict_resume_equals_uninterrupted_run(name: str) -> None:
+    dtype, extra = RESUMES[name]
+    params = make_params(dtype=dtype)
+    kwargs = dict(lr=3e-3, backend="foreach", **extra)
     uninterrupted = run(lambda ps: Lion(ps, **kwargs), params)
 
     first = [p.clone().requires_grad_() for p in params]
@@ -163,7 +175,7 @@ def test_state_dict_resume_equals_uninterrupted_run() -> None:
     opt2 = Lion(resumed, lr=1.0)  # hyperparameters come from the state dict
     opt2.load_state_dict(saved)
     assert opt2.param_groups[0]["lr"] == 3e-3 and opt2.param_groups[0]["lr0"] == 3e-3
-    assert all(s["exp_avg"].dtype == torch.bfloat16 for s in opt2.state.values())
+    assert all(s["exp_avg"].dtype == extra.get("momentum_dtype", dtype) for s in opt2.state.values())
     for step in range(10, STEPS):
         for p, g in zip(resumed, grads_for(resumed, step), strict=True):
             p.grad = g
@@ -367,7 +379,8 @@ BAD_ARGUMENTS = [
     ({"batch_size_policy": "shout"}, ValueError, "batch_size_policy must be one of .* got 'shout'"),
     ({"micro_batch_size": 0}, ValueError, "micro_batch_size must be a positive int, got 0"),
     ({"maximize": "yes"}, TypeError, "maximize must be a bool, got 'yes'"),
-    ({"seed": 1.5}, TypeError, "seed must be an int or None, got 1.5"),
+    ({"seed": 1.5}, TypeError, "seed must be an int, got 1.5"),
+    ({"seed": None}, TypeError, "seed must be an int, got None"),
 ]
 
 
