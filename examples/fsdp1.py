@@ -10,22 +10,13 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import os
 
-import torch
 import torch.distributed as dist
 from torch import nn
 from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+from toy import eval_loss, init_distributed, make_batch, make_model, micro_batch_size
 
 from lion_dist import Lion
-
-
-def make_batch(step: int, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """A synthetic regression batch, the same for a given step on every run: y = sin(x @ w)."""
-    gen = torch.Generator().manual_seed(step)
-    x = torch.randn(batch_size, 32, generator=gen)
-    w = torch.randn(32, 1, generator=torch.Generator().manual_seed(-1))
-    return x, torch.sin(x @ w / 4)
 
 
 def main() -> None:
@@ -36,30 +27,14 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=1e-2, help="toy-sized; Lion wants 3-10x less than AdamW")
     args = parser.parse_args()
 
-    use_cuda = torch.cuda.is_available()
-    dist.init_process_group("nccl" if use_cuda else "gloo")
-    rank, world = dist.get_rank(), dist.get_world_size()
-    device = torch.device("cuda", int(os.environ["LOCAL_RANK"])) if use_cuda else torch.device("cpu")
-    if use_cuda:
-        torch.cuda.set_device(device)
-    micro = args.global_batch // (world * args.grad_accum)
-    if micro * world * args.grad_accum != args.global_batch:
-        raise SystemExit(f"--global-batch {args.global_batch} is not divisible by {world} ranks x {args.grad_accum}")
-
-    torch.manual_seed(0)  # the same initial model on every rank
-    model = nn.Sequential(nn.Linear(32, 64), nn.GELU(), nn.Linear(64, 64), nn.GELU(), nn.Linear(64, 1))
-    model = FSDP(model, device_id=device, use_orig_params=True)
+    rank, world, device = init_distributed()
+    micro = micro_batch_size(args.global_batch, world, args.grad_accum)
+    model = FSDP(make_model(), device_id=device, use_orig_params=True)
     optimizer = Lion(
         model.parameters(), lr=args.lr, weight_decay=0.1, micro_batch_size=micro, grad_accum_steps=args.grad_accum
     )
 
-    x_eval, y_eval = (t.to(device) for t in make_batch(-2, 256))
-
-    def eval_loss() -> float:
-        with torch.no_grad():
-            return nn.functional.mse_loss(model(x_eval), y_eval).item()
-
-    first = eval_loss()
+    first = eval_loss(model, device)
     for step in range(args.steps):
         x, y = make_batch(step, args.global_batch)
         for k in range(args.grad_accum):
@@ -69,7 +44,7 @@ def main() -> None:
                 (loss / args.grad_accum).backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-    last = eval_loss()
+    last = eval_loss(model, device)
     if rank == 0:
         print(f"eval loss {first:.5f} -> {last:.5f} after {args.steps} steps on {world} ranks")
     dist.destroy_process_group()

@@ -11,23 +11,14 @@ the per-rank micro batch and infers the data-parallel size from the params' mesh
 from __future__ import annotations
 
 import argparse
-import os
 
-import torch
 import torch.distributed as dist
 from torch import nn
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import CPUOffloadPolicy, OffloadPolicy, fully_shard
+from toy import eval_loss, init_distributed, make_batch, make_model, micro_batch_size
 
 from lion_dist import Lion
-
-
-def make_batch(step: int, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """A synthetic regression batch, the same for a given step on every run: y = sin(x @ w)."""
-    gen = torch.Generator().manual_seed(step)
-    x = torch.randn(batch_size, 32, generator=gen)
-    w = torch.randn(32, 1, generator=torch.Generator().manual_seed(-1))
-    return x, torch.sin(x @ w / 4)
 
 
 def main() -> None:
@@ -40,22 +31,14 @@ def main() -> None:
     parser.add_argument("--replicate", type=int, default=1, help="HSDP replicas (1: plain FSDP)")
     args = parser.parse_args()
 
-    use_cuda = torch.cuda.is_available()
-    dist.init_process_group("nccl" if use_cuda else "gloo")
-    rank, world = dist.get_rank(), dist.get_world_size()
-    device = torch.device("cuda", int(os.environ["LOCAL_RANK"])) if use_cuda else torch.device("cpu")
-    if use_cuda:
-        torch.cuda.set_device(device)
-    micro = args.global_batch // (world * args.grad_accum)
-    if micro * world * args.grad_accum != args.global_batch:
-        raise SystemExit(f"--global-batch {args.global_batch} is not divisible by {world} ranks x {args.grad_accum}")
+    rank, world, device = init_distributed()
+    micro = micro_batch_size(args.global_batch, world, args.grad_accum)
     mesh = init_device_mesh(
         device.type, (args.replicate, world // args.replicate), mesh_dim_names=("replicate", "shard")
     )
 
-    torch.manual_seed(0)  # the same initial model on every rank
-    model = nn.Sequential(nn.Linear(32, 64), nn.GELU(), nn.Linear(64, 64), nn.GELU(), nn.Linear(64, 1)).to(device)
-    offload = CPUOffloadPolicy(pin_memory=use_cuda) if args.cpu_offload else OffloadPolicy()
+    model = make_model().to(device)
+    offload = CPUOffloadPolicy(pin_memory=device.type == "cuda") if args.cpu_offload else OffloadPolicy()
     for layer in model:
         if isinstance(layer, nn.Linear):
             fully_shard(layer, mesh=mesh, offload_policy=offload)
@@ -64,13 +47,7 @@ def main() -> None:
         model.parameters(), lr=args.lr, weight_decay=0.1, micro_batch_size=micro, grad_accum_steps=args.grad_accum
     )
 
-    x_eval, y_eval = (t.to(device) for t in make_batch(-2, 256))
-
-    def eval_loss() -> float:
-        with torch.no_grad():
-            return nn.functional.mse_loss(model(x_eval), y_eval).item()
-
-    first = eval_loss()
+    first = eval_loss(model, device)
     for step in range(args.steps):
         x, y = make_batch(step, args.global_batch)
         for k in range(args.grad_accum):
@@ -80,7 +57,7 @@ def main() -> None:
             (loss / args.grad_accum).backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-    last = eval_loss()
+    last = eval_loss(model, device)
     if rank == 0:
         print(f"eval loss {first:.5f} -> {last:.5f} after {args.steps} steps on {world} ranks")
     dist.destroy_process_group()

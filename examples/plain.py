@@ -11,16 +11,9 @@ import argparse
 
 import torch
 from torch import nn
+from toy import eval_loss, make_batch, make_model
 
 from lion_dist import Lion
-
-
-def make_batch(step: int, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """A synthetic regression batch, the same for a given step on every run: y = sin(x @ w)."""
-    gen = torch.Generator().manual_seed(step)
-    x = torch.randn(batch_size, 32, generator=gen)
-    w = torch.randn(32, 1, generator=torch.Generator().manual_seed(-1))
-    return x, torch.sin(x @ w / 4)
 
 
 def main() -> None:
@@ -31,23 +24,16 @@ def main() -> None:
     args = parser.parse_args()
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(32, 64), nn.GELU(), nn.Linear(64, 64), nn.GELU(), nn.Linear(64, 1)).to(device)
+    model = make_model().to(device)
     optimizer = Lion(model.parameters(), lr=args.lr, weight_decay=0.1, global_batch_size=args.batch_size)
-    x_eval, y_eval = (t.to(device) for t in make_batch(-2, 256))
-
-    def eval_loss() -> float:
-        with torch.no_grad():
-            return nn.functional.mse_loss(model(x_eval), y_eval).item()
-
-    first = eval_loss()
+    first = eval_loss(model, device)
     for step in range(args.steps):
         x, y = (t.to(device) for t in make_batch(step, args.batch_size))
         loss = nn.functional.mse_loss(model(x), y)
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-    print(f"eval loss {first:.5f} -> {eval_loss():.5f} after {args.steps} steps")
+    print(f"eval loss {first:.5f} -> {eval_loss(model, device):.5f} after {args.steps} steps")
 
 
 if __name__ == "__main__":

@@ -1,9 +1,9 @@
-"""Run a function on N gloo worker processes on this machine and collect what each returns.
+"""Run a function on N worker processes on this machine and collect what each returns.
 
 `spawn(fn, world_size, *args)` starts `world_size` fresh processes (start method "spawn"), initialises the
-default process group with gloo on a free port, calls `fn(rank, world_size, *args)` and returns the list of
-results by rank. A worker's exception fails the caller with the worker's traceback. `fn` must be a
-module-level function (it is pickled by name).
+default process group with gloo (or `backend="nccl"`, one GPU per rank) on a free port, calls
+`fn(rank, world_size, *args)` and returns the list of results by rank. A worker's exception fails the caller
+with the worker's traceback. `fn` must be a module-level function (it is pickled by name).
 """
 
 from __future__ import annotations
@@ -27,7 +27,9 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _worker(rank: int, fn: Callable, world_size: int, port: int, out_dir: str, args: tuple, env: dict) -> None:
+def _worker(
+    rank: int, fn: Callable, world_size: int, port: int, out_dir: str, args: tuple, env: dict, backend: str
+) -> None:
     os.environ.update(env)
     os.environ.update(
         MASTER_ADDR="127.0.0.1",
@@ -38,7 +40,9 @@ def _worker(rank: int, fn: Callable, world_size: int, port: int, out_dir: str, a
         LOCAL_WORLD_SIZE=str(world_size),
     )
     torch.set_num_threads(1)  # two cores: one thread per rank keeps the ranks from starving each other
-    dist.init_process_group("gloo", rank=rank, world_size=world_size)
+    if backend == "nccl":
+        torch.cuda.set_device(rank)
+    dist.init_process_group(backend, rank=rank, world_size=world_size)
     try:
         result = fn(rank, world_size, *args)
         torch.save(result, Path(out_dir) / f"rank{rank}.pt")
@@ -47,12 +51,14 @@ def _worker(rank: int, fn: Callable, world_size: int, port: int, out_dir: str, a
             dist.destroy_process_group()
 
 
-def spawn(fn: Callable, world_size: int, *args: Any, timeout: float = 300, env: dict | None = None) -> list[Any]:
+def spawn(
+    fn: Callable, world_size: int, *args: Any, timeout: float = 300, env: dict | None = None, backend: str = "gloo"
+) -> list[Any]:
     """`[fn(0, world_size, *args), ..., fn(world_size - 1, world_size, *args)]`, each on its own process."""
     with tempfile.TemporaryDirectory() as out_dir:
         context = mp.start_processes(
             _worker,
-            args=(fn, world_size, free_port(), out_dir, args, env or {}),
+            args=(fn, world_size, free_port(), out_dir, args, env or {}, backend),
             nprocs=world_size,
             join=False,
             start_method="spawn",
