@@ -205,3 +205,47 @@ def test_state_dicts(how: str, data) -> None:
     assert all(s["exp_avg"].dtype == torch.float32 for s in target.state.values())
     step_once(target, params)
     assert all(torch.isfinite(p).all() for p in params)
+
+
+json_values = st.recursive(
+    st.one_of(st.none(), st.booleans(), st.integers(-5, 300), st.floats(-2, 2), st.text(max_size=6)),
+    lambda inner: st.one_of(st.lists(inner, max_size=3), st.dictionaries(st.text(max_size=6), inner, max_size=3)),
+    max_leaves=8,
+)
+lion_params = st.dictionaries(
+    st.sampled_from([*ARGUMENTS, "eps", "lr ", "train_batch_size"]),
+    st.one_of(json_values, st.sampled_from(["bfloat16", "float32", "fp16", "warn", "skip", "auto"])),
+    max_size=4,
+)
+optimizer_sections = st.one_of(
+    json_values,
+    st.just({"type": "LionDist", "params": {"lr": 1e-3, "betas": [0.9, 0.99], "momentum_dtype": "bfloat16"}}),
+    st.fixed_dictionaries(
+        {"type": st.sampled_from(["LionDist", "liondist", "Lion", "AdamW", 3])},
+        optional={"params": st.one_of(lion_params, json_values), "extra": json_values},
+    ),
+)
+
+
+@FUZZ
+@given(section=optimizer_sections, top=st.dictionaries(st.text(max_size=8), json_values, max_size=3))
+def test_deepspeed_config_dicts(section, top: dict) -> None:
+    """The "LionDist" entry is read before DeepSpeed starts: a good one yields working Lion arguments."""
+    from lion_dist.deepspeed import lion_kwargs, load_config
+
+    config = load_config({**top, "optimizer": section})
+    try:
+        kwargs = lion_kwargs(config)
+    except CLEAR_ERRORS as error:
+        assert str(error)
+        return
+    if kwargs is None:  # another optimizer: DeepSpeed's business
+        assert not (isinstance(section, dict) and section.get("type") == "LionDist")
+        return
+    params = [torch.ones(3, requires_grad=True)]
+    opt = Lion(params, **{"batch_size_policy": "ignore", **kwargs})
+    for p in params:
+        p.grad = torch.ones(3)
+    if opt.param_groups[0]["backend"] != "triton":
+        opt.step()
+        assert set(opt.state[params[0]]) == {"exp_avg"}
