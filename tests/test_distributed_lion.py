@@ -32,6 +32,8 @@ from lion_dist.distributed_lion import (
     vote_bytes_sent,
 )
 from lion_dist.functional import LionHyperparams, lion_reference
+from lion_dist.train.config import GPTConfig
+from lion_dist.train.model import GPT
 from tests.distributed import spawn
 
 LR = 0.05
@@ -48,41 +50,12 @@ TRAIN_LR = 3e-3
 LOSS_MARGIN = 0.1  # nats: Distributed Lion's final loss may exceed plain Lion's by at most this
 
 
-# ---------------------------------------------------------------------------------------------- a tiny GPT
+# ---------------------------------------------------------------------------------------------- the model
 
 
-class Block(nn.Module):
-    def __init__(self, dim: int, heads: int) -> None:
-        super().__init__()
-        self.heads = heads
-        self.ln1, self.ln2 = nn.LayerNorm(dim), nn.LayerNorm(dim)
-        self.qkv, self.proj = nn.Linear(dim, 3 * dim), nn.Linear(dim, dim)
-        self.mlp = nn.Sequential(nn.Linear(dim, 4 * dim), nn.GELU(), nn.Linear(4 * dim, dim))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        b, t, d = x.shape
-        q, k, v = self.qkv(self.ln1(x)).view(b, t, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
-        attn = F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2).reshape(b, t, d)
-        x = x + self.proj(attn)
-        return x + self.mlp(self.ln2(x))
-
-
-class TinyGPT(nn.Module):
-    """A two-layer causal LM, small enough for four gloo workers on two cores."""
-
-    def __init__(self, vocab: int = 16, dim: int = 32, heads: int = 2, layers: int = 2, context: int = 16) -> None:
-        super().__init__()
-        self.tok = nn.Embedding(vocab, dim)
-        self.pos = nn.Parameter(torch.randn(context, dim) * 0.02)
-        self.blocks = nn.ModuleList(Block(dim, heads) for _ in range(layers))
-        self.norm = nn.LayerNorm(dim)
-        self.head = nn.Linear(dim, vocab, bias=False)
-
-    def forward(self, idx: torch.Tensor) -> torch.Tensor:
-        x = self.tok(idx) + self.pos[: idx.shape[1]]
-        for block in self.blocks:
-            x = block(x)
-        return self.head(self.norm(x))
+def tiny_gpt() -> GPT:
+    """The main job's GPT (`lion_dist.train.model`), two layers, small enough for four gloo workers on two cores."""
+    return GPT(GPTConfig(vocab_size=16, seq_len=16, n_layer=2, n_head=2, d_model=32))
 
 
 def markov_batch(seed: int, batch: int = 8, length: int = 17, vocab: int = 16) -> torch.Tensor:
@@ -162,7 +135,7 @@ def bf16_check(rank: int) -> list[torch.Tensor]:
 def world_one_check(rank: int, single: dist.ProcessGroup) -> list[bool]:
     """DDP with the hook on a one-rank group + DistributedLion vs plain Lion on the same local gradients."""
     torch.manual_seed(0)
-    model = TinyGPT()
+    model = tiny_gpt()
     reference = copy.deepcopy(model)
     ddp = DDP(model, process_group=single)
     opt = distributed_lion.setup(ddp, lr=TRAIN_LR, weight_decay=0.1, batch_size_policy="ignore")
@@ -175,7 +148,7 @@ def world_one_check(rank: int, single: dist.ProcessGroup) -> list[bool]:
 def training_check(group: dist.ProcessGroup | None) -> dict:
     """Plain Lion over DDP's fp32 all-reduce vs Distributed Lion (vote) over the same per-rank batches."""
     torch.manual_seed(0)
-    model = TinyGPT()
+    model = tiny_gpt()
     eval_batch = markov_batch(-1, batch=32)
     with torch.no_grad():
         initial = lm_loss(model, eval_batch).item()
@@ -203,7 +176,7 @@ def sharded_replicas_check(rank: int) -> dict:
         results["hsdp_error"] = str(error)
 
     torch.manual_seed(0)
-    model = TinyGPT()
+    model = tiny_gpt()
     for block in model.blocks:
         fully_shard(block, mesh=mesh["shard"])
     fully_shard(model, mesh=mesh["shard"])

@@ -2,12 +2,15 @@
 
 These launch the real console script (torchrun, FSDP2, DCP), so they run in subprocesses rather than through
 `tests/distributed.spawn`: what is tested is the job a user runs. Every run uses the same tiny flags, so the
-runs double as determinism checks (same seed, same world size -> identical params).
+runs double as determinism checks (same seed, same world size -> identical params). The compare run includes
+the Distributed Lion variant, which is also the `train --distributed-lion` smoke run.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -18,11 +21,12 @@ import pytest
 import torch
 from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
-from lion_dist import checkpoint
-from lion_dist.train import cli
-from lion_dist.train.config import OPTIMIZER_DEFAULTS, TrainConfig, resolve_hyperparams
+from lion_dist import checkpoint, distributed_lion
+from lion_dist.train import cli, config
+from lion_dist.train.config import OPTIMIZER_DEFAULTS, GPTConfig, TrainConfig, resolve_hyperparams
 from lion_dist.train.data import eval_batches, load_corpus, train_batches
 from lion_dist.train.loop import OPTIMIZERS, lr_at
+from lion_dist.train.model import GPT
 
 pytestmark = pytest.mark.slow
 
@@ -150,13 +154,20 @@ def test_stop_then_resume_equals_uninterrupted_run(reference, workdir: Path, tmp
     assert_same_tensors(saved_state(out, STEPS, tmp_path), saved_state(ref_out, STEPS, tmp_path))
 
 
-def test_compare_and_same_seed_determinism(reference, workdir: Path, tmp_path: Path) -> None:
-    """`compare` writes the plot and table; its Lion run is a second run of the reference's flags: same bits."""
+@pytest.fixture(scope="module")
+def compared(workdir: Path) -> tuple[Path, subprocess.CompletedProcess]:
+    """`compare` of Lion, AdamW and Distributed Lion (vote) with the reference's flags."""
     out = workdir / "compare"
-    result = run_cli("compare", "--out", str(out), *TINY)
+    return out, run_cli("compare", "--out", str(out), *TINY, "--variants", "lion", "adamw", "distributed-lion")
+
+
+def test_compare_and_same_seed_determinism(reference, compared, tmp_path: Path) -> None:
+    """`compare` writes the plot and table; its Lion run is a second run of the reference's flags: same bits."""
+    out, result = compared
     assert (out / "compare.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     table = (out / "compare.md").read_text()
     assert "| Lion (lion_dist.Lion) |" in table and "| AdamW (torch.optim.AdamW) |" in table
+    assert "| Distributed Lion, vote (lion_dist.distributed_lion) |" in table
     assert "Lowest final validation loss" in table and table in result.stdout
     lion, adamw = (json.loads((out / name / "summary.json").read_text()) for name in ("lion", "adamw"))
     assert adamw["optimizer"] == "adamw" and adamw["steps"] == lion["steps"] == STEPS
@@ -172,6 +183,45 @@ def test_compare_and_same_seed_determinism(reference, workdir: Path, tmp_path: P
     assert_same_tensors(saved_state(out / "lion", STEPS, tmp_path), saved_state(ref_out, STEPS, tmp_path))
 
 
+def test_distributed_lion_replicas_stay_identical_and_resume_exactly(compared, workdir: Path, tmp_path: Path) -> None:
+    """`train --distributed-lion` (compare's variant): the loss falls, both replicas end with the same params, the
+    checkpoint keeps each replica's own momentum, and a resume equals the uninterrupted run bit for bit."""
+    out = compared[0] / "distributed-lion"
+    summary = json.loads((out / "summary.json").read_text())
+    val = losses(out)[1]
+    assert val[STEPS] < val[0] - 0.3, f"validation loss did not fall: {val}"
+    assert f"{summary['final_val_loss']:.4f}" in (compared[0] / "compare.md").read_text()
+    exchange, n = summary["distributed_lion"], summary["n_params"]
+    assert (exchange["aggregate"], exchange["replicas"], exchange["transport"]) == ("vote", 2, "gather")
+    # 2 workers: each sends its n sign bits to the other; a ring all-reduce of fp32 gradients sends 4 n bytes
+    assert exchange["bytes_sent_per_worker_per_step"] == math.ceil(n / 8)
+    assert exchange["fp32_all_reduce_bytes_per_worker_per_step"] == 4 * n
+    assert sum(summary["optimizer_state_bytes_per_rank"]) == 2 * 4 * n  # a whole momentum on each replica
+
+    state = saved_state(out, STEPS, tmp_path)
+    vocab = state["model"]["tok_emb.weight"].shape[0]
+    names = [name for name, _ in GPT(GPTConfig(vocab, seq_len=32, n_layer=1, n_head=2, d_model=32)).named_parameters()]
+    saved_params = hashlib.sha256(b"".join(state["model"][k].view(torch.uint8).numpy().tobytes() for k in names))
+    # every rank hashed its own params at the end: all equal, and equal to the checkpoint's
+    assert exchange["param_sha256_per_rank"] == [saved_params.hexdigest()] * 2
+    momenta = [state["optim"]["state"][name]["exp_avg"] for name in names]
+    assert all(m.shape == (2, *state["model"][k].shape) for m, k in zip(momenta, names, strict=True))
+    assert not all(torch.equal(m[0], m[1]) for m in momenta), "each replica keeps its own momentum"
+
+    # resume a copy of the run from its step 8 checkpoint: first without --distributed-lion (refused), then with it
+    resumed = workdir / "distributed-resumed"
+    shutil.copytree(
+        checkpoint.checkpoint_dir(out / "checkpoints", 8), checkpoint.checkpoint_dir(resumed / "checkpoints", 8)
+    )
+    shutil.copy(out / "metrics.jsonl", resumed / "metrics.jsonl")
+    refused = run_cli("train", "--out", str(resumed), *TINY, "--resume", check=False)
+    assert refused.returncode != 0 and "holds one momentum per replica" in refused.stderr
+    result = run_cli("train", "--out", str(resumed), *TINY, "--distributed-lion", "--resume")
+    assert "resumed from" in result.stdout and "params bit-identical on all 2 ranks" in result.stdout
+    assert losses(resumed) == losses(out)
+    assert_same_tensors(saved_state(resumed, STEPS, tmp_path), state)
+
+
 def test_bad_input_gets_a_clear_error(reference, capsys, tmp_path: Path) -> None:
     ref_out, _ = reference
     cases = [
@@ -181,6 +231,9 @@ def test_bad_input_gets_a_clear_error(reference, capsys, tmp_path: Path) -> None
         (["train", "--stop-at", "20", "--steps", "10"], "--stop-at must be in [1, --steps=10], got 20"),
         (["train", "--out", str(ref_out)], "--resume to continue it, --overwrite"),
         (["compare", "--out", str(tmp_path), "--resume", "--overwrite"], "pass one of them"),
+        (["train", "--optimizer", "adamw", "--distributed-lion"], "needs --optimizer lion, got 'adamw'"),
+        (["train", "--aggregate", "mean"], "together with --distributed-lion"),
+        (["compare", "--variants", "lion", "sgd"], "invalid choice: 'sgd'"),
     ]
     for argv, message in cases:
         with pytest.raises(SystemExit) as exit_info:
@@ -207,6 +260,11 @@ def test_variant_flags_round_trip() -> None:
     cfg = TrainConfig(out="x", data="d.txt", stop_at=3, lr=0.5, betas=(0.8, 0.9), resume=True, seq_len=7)
     variant = cli._variant_config(cfg, cli.VARIANTS["adamw"])
     assert variant == TrainConfig(**{**vars(cfg), "optimizer": "adamw"})
+    variant = cli._variant_config(cfg, cli.VARIANTS["distributed-lion-mean"])
+    assert variant == TrainConfig(**{**vars(cfg), "distributed_lion": True, "aggregate": "mean"})
+    # Distributed Lion is opt-in: a plain `compare` runs Lion and AdamW only
+    assert cli.build_parser().parse_args(["compare"]).variants == ["lion", "adamw"]
+    assert config.AGGREGATES == distributed_lion.AGGREGATES
 
 
 def test_batches_depend_on_seed_and_step_only(tmp_path: Path) -> None:

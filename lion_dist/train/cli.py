@@ -4,7 +4,8 @@
 this process) with the same flags; `python -m lion_dist.train` is the per-rank job, so a user's own
 `torchrun --nproc-per-node N -m lion_dist.train ...` (multi-node too) runs the very same thing.
 `lion-dist compare` runs the job once per variant (same model, data, seed and budget) and writes one plot and
-one table. A variant is a name plus the train flags that make it: add one to `VARIANTS` to compare more.
+one table. A variant is a name plus the train flags that make it: add one to `VARIANTS` to compare more
+(`DEFAULT_VARIANTS` run without `--variants`).
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from lion_dist.train.config import OPTIMIZER_DEFAULTS, TrainConfig, check_out_dir, validate
+from lion_dist.train.config import AGGREGATES, OPTIMIZER_DEFAULTS, TrainConfig, check_out_dir, validate
 from lion_dist.train.plot import plot_runs, read_metrics
 
 
@@ -36,7 +37,15 @@ class Variant:
 VARIANTS: dict[str, Variant] = {
     "lion": Variant("Lion (lion_dist.Lion)", ("--optimizer", "lion")),
     "adamw": Variant("AdamW (torch.optim.AdamW)", ("--optimizer", "adamw")),
+    "distributed-lion": Variant(
+        "Distributed Lion, vote (lion_dist.distributed_lion)", ("--optimizer", "lion", "--distributed-lion")
+    ),
+    "distributed-lion-mean": Variant(
+        "Distributed Lion, mean (lion_dist.distributed_lion)",
+        ("--optimizer", "lion", "--distributed-lion", "--aggregate", "mean"),
+    ),
 }
+DEFAULT_VARIANTS = ("lion", "adamw")
 
 
 def _add_train_flags(parser: argparse.ArgumentParser, *, out: str, with_optimizer: bool) -> None:
@@ -66,6 +75,18 @@ def _add_train_flags(parser: argparse.ArgumentParser, *, out: str, with_optimize
     add("--d-model", type=int, default=d.d_model, help=f"model width (default: {d.d_model})")
     if with_optimizer:
         add("--optimizer", choices=sorted(OPTIMIZER_DEFAULTS), default=d.optimizer, help="default: lion")
+        add(
+            "--distributed-lion",
+            action="store_true",
+            help="Distributed Lion: every worker is a whole replica that sends its 1-bit Lion signs instead of "
+            "all-reducing gradients; all apply the vote (needs --optimizer lion)",
+        )
+        add(
+            "--aggregate",
+            choices=AGGREGATES,
+            default=None,
+            help="with --distributed-lion: the majority vote of the signs, or their mean (default: vote)",
+        )
     add("--lr", type=float, default=None, help="peak learning rate (default: AdamW 1e-3; Lion 1e-3 / 3)")
     add("--weight-decay", type=float, default=None, help="default: AdamW 0.1; Lion 0.1 x 3")
     add(
@@ -280,15 +301,18 @@ def build_parser() -> argparse.ArgumentParser:
     train = sub.add_parser("train", help="train the GPT on local workers (torchrun, FSDP2)")
     _add_train_flags(train, out="runs/train", with_optimizer=True)
     _add_launch_flags(train)
-    compare = sub.add_parser("compare", help="train once per variant (Lion, AdamW) and plot them together")
+    compare = sub.add_parser(
+        "compare", help="train once per variant (Lion, AdamW; --variants adds Distributed Lion) and plot them together"
+    )
     _add_train_flags(compare, out="runs/compare", with_optimizer=False)
     _add_launch_flags(compare)
     compare.add_argument(
         "--variants",
         nargs="+",
-        choices=sorted(VARIANTS),
-        default=list(VARIANTS),
-        help=f"what to compare (default: {' '.join(VARIANTS)})",
+        choices=list(VARIANTS),
+        metavar="NAME",
+        default=list(DEFAULT_VARIANTS),
+        help=f"what to compare, from {', '.join(VARIANTS)} (default: {' '.join(DEFAULT_VARIANTS)})",
     )
     return parser
 

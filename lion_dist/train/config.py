@@ -12,6 +12,7 @@ from pathlib import Path
 ADAMW_LR = 1e-3
 ADAMW_WEIGHT_DECAY = 0.1
 LION_LR_DIVISOR = 3  # Chen et al. 2023: Lion's lr is 3-10x smaller than AdamW's, its weight decay 3-10x larger
+AGGREGATES = ("vote", "mean")  # `distributed_lion.AGGREGATES`, named here because that module imports torch
 
 
 @dataclass(frozen=True)
@@ -68,6 +69,8 @@ class TrainConfig:
     n_head: int = 4
     d_model: int = 128
     optimizer: str = "lion"
+    distributed_lion: bool = False
+    aggregate: str | None = None
     lr: float | None = None
     weight_decay: float | None = None
     betas: tuple[float, float] | None = None
@@ -135,6 +138,14 @@ def validate(cfg: TrainConfig) -> None:
         raise ValueError(f"--device must be auto, cpu or cuda, got {cfg.device!r}")
     if cfg.data is not None and not Path(cfg.data).is_file():
         raise ValueError(f"--data {cfg.data!r}: no such file; pass a UTF-8 text file (e.g. enwik8) or leave it out")
+    if cfg.distributed_lion and cfg.optimizer != "lion":
+        raise ValueError(
+            f"--distributed-lion exchanges Lion's sign updates, so it needs --optimizer lion, got {cfg.optimizer!r}"
+        )
+    if cfg.aggregate is not None and (not cfg.distributed_lion or cfg.aggregate not in AGGREGATES):
+        raise ValueError(
+            f"--aggregate {cfg.aggregate!r}: pass one of {', '.join(AGGREGATES)}, together with --distributed-lion"
+        )
     if cfg.resume and cfg.overwrite:
         raise ValueError("--resume continues the run in --out, --overwrite deletes it: pass one of them")
     lr, wd, betas, _ = resolve_hyperparams(cfg)

@@ -3,10 +3,17 @@
 Everything a step does is a pure function of (seed, step): the batch, the learning rate. So a checkpoint only
 needs model, optimizer and the step, and a resumed or repeated run on the same world size is bit-identical to
 an uninterrupted one.
+
+`--distributed-lion` makes every rank a whole replica instead of a shard: the model is sharded with FSDP2 on a
+one-rank mesh (the "shard" dim of a (world, 1) ("replicate", "shard") mesh, so FSDP2 reduces nothing across
+ranks and each rank keeps its own gradient), and `distributed_lion.DistributedLion` exchanges the replicas' 1-bit
+signs over the "replicate" group. Params stay identical, momenta differ, so its checkpoints keep every replica's
+momentum (`ReplicaLion`) and resume on the same number of workers only.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -22,14 +29,16 @@ from typing import Any
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from torch import nn
+from torch import Tensor, nn
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.fsdp import fully_shard
+from torch.distributed.tensor import DTensor, Shard
 from torch.optim import Optimizer
 from tqdm import tqdm
 
 from lion_dist import Lion, checkpoint, shards
+from lion_dist.distributed_lion import DistributedLion, choose_transport, ring_bytes_sent, vote_bytes_sent
 from lion_dist.train.config import GPTConfig, TrainConfig, check_out_dir, resolve_hyperparams, validate
 from lion_dist.train.data import Corpus, eval_batches, load_corpus, train_batches
 from lion_dist.train.model import GPT
@@ -73,6 +82,41 @@ OPTIMIZERS: dict[str, OptimizerSpec] = {
 }
 
 
+class ReplicaLion(DistributedLion):
+    """`DistributedLion` whose state dict holds every replica's own momentum, for `--distributed-lion` checkpoints.
+
+    DCP writes a tensor that every rank holds once, from one rank: right for the params (identical on every
+    replica), wrong for the momenta (each replica has its own). So `state_dict()` shows each momentum as row
+    `replica` of a (replicas, *shape) DTensor sharded over the replicate mesh, a view of the momentum itself, and
+    `load_state_dict()` takes this replica's row back. A checkpoint thus keeps all momenta, a resume on the same
+    number of replicas continues bit-identically, and DCP cannot load it on another number (the shapes differ).
+    """
+
+    def __init__(self, params: list[dict[str, Any]], *, replicate_mesh: DeviceMesh, **kwargs: Any) -> None:
+        self.replicate_mesh = replicate_mesh
+        super().__init__(params, process_group=replicate_mesh.get_group(), **kwargs)
+
+    def state_dict(self) -> dict[str, Any]:
+        state_dict = super().state_dict()
+        state_dict["state"] = {
+            index: {**state, "exp_avg": self._stacked(state["exp_avg"])} for index, state in state_dict["state"].items()
+        }
+        return state_dict
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        state = dict(state_dict["state"])
+        for saved, group in zip(state_dict["param_groups"], self.param_groups, strict=True):
+            for index, p in zip(saved["params"], group["params"], strict=True):
+                if index in state:
+                    row = state[index]["exp_avg"].to_local()[0]  # as DCP loaded it: this replica's row
+                    exp_avg = DTensor.from_local(row, p.device_mesh, p.placements, shape=p.shape, stride=p.stride())
+                    state[index] = {**state[index], "exp_avg": exp_avg}
+        super().load_state_dict({**state_dict, "state": state})
+
+    def _stacked(self, exp_avg: Tensor) -> DTensor:
+        return DTensor.from_local(shards.local(exp_avg).unsqueeze(0), self.replicate_mesh, [Shard(0)], run_check=False)
+
+
 def lr_at(step: int, lr: float, cfg: TrainConfig) -> float:
     """Linear warmup to `lr` over the warmup steps, then cosine decay to `lr * min_lr_ratio` at `cfg.steps`."""
     warmup = _default_warmup(cfg) if cfg.warmup_steps is None else cfg.warmup_steps
@@ -111,6 +155,8 @@ class _Run:
         self.out = Path(cfg.out)
         self.ckpt_root = self.out / "checkpoints"
         self.lr, self.wd, self.betas, self.hparam_note = resolve_hyperparams(cfg)
+        self.aggregate = (cfg.aggregate or "vote") if cfg.distributed_lion else None
+        self.name = f"distributed lion ({self.aggregate})" if cfg.distributed_lion else cfg.optimizer
         self.global_batch = cfg.micro_batch_size * cfg.grad_accum * self.world
         self.corpus: Corpus = load_corpus(cfg.data, min_len=cfg.seq_len + 1)
         self.model_cfg = GPTConfig(
@@ -123,13 +169,26 @@ class _Run:
         torch.manual_seed(cfg.seed)  # every rank builds the same initial model; fully_shard keeps its shard
         self.model = GPT(self.model_cfg).to(self.device)
         self.n_params = sum(p.numel() for p in self.model.parameters())
-        mesh = init_device_mesh(self.device.type, (self.world,))
+        # --distributed-lion: every rank a whole replica, sharded on a one-rank mesh; signs go across "replicate"
+        shape, names = ((self.world, 1), ("replicate", "shard")) if cfg.distributed_lion else ((self.world,), None)
+        mesh = init_device_mesh(self.device.type, shape, mesh_dim_names=names)
+        shard_mesh = mesh["shard"] if cfg.distributed_lion else mesh
         for block in self.model.blocks:
-            fully_shard(block, mesh=mesh)
-        fully_shard(self.model, mesh=mesh)
-        self.optimizer = OPTIMIZERS[cfg.optimizer].build(
-            _param_groups(self.model, self.wd), self.lr, self.wd, self.betas, cfg
-        )
+            fully_shard(block, mesh=shard_mesh)
+        fully_shard(self.model, mesh=shard_mesh)
+        groups = _param_groups(self.model, self.wd)
+        if cfg.distributed_lion:
+            self.optimizer: Optimizer = ReplicaLion(
+                groups,
+                replicate_mesh=mesh["replicate"],
+                lr=self.lr,
+                betas=self.betas,
+                weight_decay=self.wd,
+                aggregate=self.aggregate,
+                global_batch_size=self.global_batch,  # the vote is over every replica's batch
+            )
+        else:
+            self.optimizer = OPTIMIZERS[cfg.optimizer].build(groups, self.lr, self.wd, self.betas, cfg)
 
     # ---------------------------------------------------------------- output
 
@@ -150,6 +209,7 @@ class _Run:
             "data": self.corpus.source,
             "seed": self.cfg.seed,
             "global_batch": self.global_batch,
+            "replicas": self.world if self.cfg.distributed_lion else None,  # its checkpoint's momenta per param
         }
 
     # ---------------------------------------------------------------- start
@@ -172,8 +232,10 @@ class _Run:
                 self.print(f"--resume: no complete checkpoint in {self.ckpt_root}; starting from step 0")
             self.log({"kind": "config", **asdict(self.cfg), "world_size": self.world, "n_params": self.n_params})
             return 0, None
+        saved = checkpoint.read_marker(path[0])
+        if saved is not None:  # checked before loading: a checkpoint of another model or mode does not load
+            self._check_resumable(saved["meta"], path[0])
         marker = checkpoint.load(path[0], self.model, self.optimizer)
-        self._check_resumable(marker["meta"], path[0])
         step = marker["step"]
         self.print(f"resumed from {path[0]} (step {step}, saved on {marker['world_size']} ranks)")
         if self.rank == 0:
@@ -190,6 +252,12 @@ class _Run:
                     f"checkpoint {path} was saved with {key} {saved.get(key)!r}, this run has {mine[key]!r}: "
                     f"pass the same flags as the run that saved it, or start over with --overwrite"
                 )
+        if saved.get("replicas") != mine["replicas"]:
+            raise ValueError(
+                f"checkpoint {path} was saved {_mode_words(saved.get('replicas'))}, this run is "
+                f"{_mode_words(mine['replicas'])}: a --distributed-lion checkpoint holds one momentum per replica, so "
+                "resume it with the same flags and --nproc-per-node, or start over with --overwrite"
+            )
         changed = [k for k in ("data", "seed", "global_batch") if saved.get(k) != mine[k]]
         if changed:
             self.print(
@@ -273,15 +341,17 @@ class _Run:
         tokens_per_step = self.global_batch * cfg.seq_len
         self.print(
             f"{self.n_params:,} params on {self.world} rank{'s' if self.world > 1 else ''} ({self.device.type}, "
-            f"FSDP2), global batch "
+            f"{'Distributed Lion, one replica per rank' if cfg.distributed_lion else 'FSDP2'}), global batch "
             f"{cfg.micro_batch_size} x {cfg.grad_accum} x {self.world} = {self.global_batch} sequences of "
             f"{cfg.seq_len} chars, data: {self.corpus.source} ({len(self.corpus.train):,} train / "
             f"{len(self.corpus.val):,} val chars, vocab {self.corpus.vocab_size})"
         )
+        if cfg.distributed_lion:
+            self.print(_exchange_words(self.exchange()))
         if start == 0:
             last_eval = (0, self.evaluate())
             self.log({"kind": "val", "step": 0, "val_loss": last_eval[1]})
-        bar = tqdm(total=stop, initial=start, disable=self.rank != 0, desc=cfg.optimizer, dynamic_ncols=True)
+        bar = tqdm(total=stop, initial=start, disable=self.rank != 0, desc=self.name, dynamic_ncols=True)
         train_time, interval_loss, interval_steps = 0.0, torch.zeros((), device=self.device), 0
         interval_start = time.perf_counter()
         for step in range(start + 1, stop + 1):
@@ -320,13 +390,14 @@ class _Run:
         """Plot, summarise and sample on rank 0; returns the summary there (None elsewhere)."""
         cfg = self.cfg
         per_rank = [None] * self.world
-        local = (OPTIMIZERS[cfg.optimizer].state_bytes(self.optimizer), _peak_memory_bytes(self.device))
+        digest = self.param_digest() if cfg.distributed_lion else None
+        local = (OPTIMIZERS[cfg.optimizer].state_bytes(self.optimizer), _peak_memory_bytes(self.device), digest)
         dist.all_gather_object(per_rank, local)
         samples = self.samples() if stop == cfg.steps else []
         if self.rank != 0:
             return None
         records = read_metrics(self.out / "metrics.jsonl")
-        plot_runs({cfg.optimizer: records}, self.out / "loss.png", title=f"{cfg.optimizer}: loss")
+        plot_runs({self.name: records}, self.out / "loss.png", title=f"{self.name}: loss")
         trained = stop - start
         summary = {
             "optimizer": cfg.optimizer,
@@ -339,19 +410,40 @@ class _Run:
             "final_train_loss": next((r["loss"] for r in reversed(records) if r["kind"] == "train"), None),
             "tokens_per_s": trained * self.global_batch * cfg.seq_len / train_time if train_time else None,
             "train_time_s": train_time,
-            "optimizer_state_bytes_per_rank": [b for b, _ in per_rank],
-            "peak_memory_bytes_per_rank": [m for _, m in per_rank],
+            "optimizer_state_bytes_per_rank": [b for b, _, _ in per_rank],
+            "peak_memory_bytes_per_rank": [m for _, m, _ in per_rank],
             "peak_memory_kind": "cuda max allocated" if self.device.type == "cuda" else "max RSS",
             "world_size": self.world,
             "global_batch": self.global_batch,
             "n_params": self.n_params,
             "device": self.device.type,
             "checkpoint": str(checkpoint.checkpoint_dir(self.ckpt_root, stop)),
+            "distributed_lion": {**self.exchange(), "param_sha256_per_rank": [d for _, _, d in per_rank]}
+            if cfg.distributed_lion
+            else None,
             "samples": [{"prompt": p, "continuation": c} for p, c in samples],
         }
         (self.out / "summary.json").write_text(json.dumps(summary, indent=1))
         print(format_summary(summary, self.out), flush=True)
         return summary
+
+    def exchange(self) -> dict[str, Any]:
+        """What `--distributed-lion` sends per step: one sign bit per param (`distributed_lion.vote_bytes_sent`)."""
+        transport = choose_transport(self.n_params, self.world)
+        return {
+            "aggregate": self.aggregate,
+            "replicas": self.world,
+            "transport": transport,
+            "bytes_sent_per_worker_per_step": vote_bytes_sent(transport, self.n_params, self.world),
+            "fp32_all_reduce_bytes_per_worker_per_step": ring_bytes_sent("all_reduce", 4 * self.n_params, self.world),
+        }
+
+    def param_digest(self) -> str:
+        """sha256 of this rank's local params, in order: the same on every replica exactly when they are identical."""
+        digest = hashlib.sha256()
+        for p in self.model.parameters():
+            digest.update(shards.local(p).detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+        return digest.hexdigest()
 
 
 def format_summary(s: dict[str, Any], out: Path) -> str:
@@ -361,6 +453,8 @@ def format_summary(s: dict[str, Any], out: Path) -> str:
         head = f"stopped at step {s['step']} of {s['steps']} (--stop-at); continue with the same flags plus --resume"
     else:
         head = f"done: {s['steps']} steps of {s['optimizer']}"
+        if s["distributed_lion"]:
+            head += f" (Distributed Lion, {s['distributed_lion']['aggregate']})"
     tok = "n/a (nothing trained)" if s["tokens_per_s"] is None else f"{s['tokens_per_s']:,.0f} tokens/s"
     lines = [
         "",
@@ -374,9 +468,35 @@ def format_summary(s: dict[str, Any], out: Path) -> str:
         f"  outputs          {out / 'metrics.jsonl'}, {out / 'loss.png'}, {out / 'summary.json'}",
         f"  checkpoint       {s['checkpoint']}",
     ]
+    if s["distributed_lion"]:
+        digests = s["distributed_lion"]["param_sha256_per_rank"]
+        same = "bit-identical" if len(set(digests)) == 1 else "DIFFERENT (a bug: please report it)"
+        lines += [
+            f"  exchange         {_exchange_words(s['distributed_lion'])}",
+            f"  replicas         params {same} on all {len(digests)} ranks (sha256 {digests[0][:16]}...)"
+            if len(digests) > 1
+            else f"  replicas         1 (params sha256 {digests[0][:16]}...)",
+        ]
     for i, sample in enumerate(s["samples"]):
         lines += [f"--- sample {i + 1} (prompt, then generated) ---", sample["prompt"] + sample["continuation"]]
     return "\n".join(lines)
+
+
+def _exchange_words(exchange: dict[str, Any]) -> str:
+    if exchange["replicas"] == 1:
+        return "1 replica: nothing to exchange, each step is plain Lion's"
+    sent, fp32 = exchange["bytes_sent_per_worker_per_step"], exchange["fp32_all_reduce_bytes_per_worker_per_step"]
+    how = "an all-gather of packed sign bits" if exchange["transport"] == "gather" else "an all-reduce of integer votes"
+    return (
+        f"{exchange['replicas']} replicas apply the {exchange['aggregate']} of their signs: {sent:,} bytes sent per "
+        f"worker per step ({how}), {fp32 / sent:.0f}x fewer than an fp32 gradient all-reduce's {fp32:,}"
+    )
+
+
+def _mode_words(replicas: int | None) -> str:
+    if replicas is None:
+        return "without --distributed-lion"
+    return f"with --distributed-lion on {replicas} worker{'s' if replicas > 1 else ''}"
 
 
 def _truncate_metrics(path: Path, step: int) -> None:
