@@ -96,15 +96,18 @@ class BatchGuard:
         self.source = source
         self.checked = False
 
-    def check(self, params: Iterable[torch.Tensor]) -> None:
-        """Warn (rank 0, once per process) or raise (every rank) when the effective batch is too small."""
+    def check(self, params: Iterable[torch.Tensor], data_parallel_size: int | None = None) -> None:
+        """Warn (rank 0, once per process) or raise (every rank) when the effective batch is too small.
+
+        `data_parallel_size` overrides what `infer_data_parallel_size(params)` would say.
+        """
         if self.checked or self.policy == "ignore":
             return
         self.checked = True
         if self.global_batch_size is not None:
             batch, how = self.global_batch_size, self.source
         elif self.micro_batch_size is not None:
-            dp = infer_data_parallel_size(params)
+            dp = data_parallel_size or infer_data_parallel_size(params)
             batch = global_batch_size(self.micro_batch_size, self.grad_accum_steps, dp)
             how = (
                 f"micro batch {self.micro_batch_size} x grad accumulation {self.grad_accum_steps} "

@@ -50,6 +50,7 @@ from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel
 
 from lion_dist import functional
+from lion_dist.batch_guard import infer_data_parallel_size
 from lion_dist.functional import LionHyperparams
 from lion_dist.optimizer import Lion, _LocalWork
 
@@ -257,6 +258,11 @@ class DistributedLion(Lion):
         if not (dist.is_available() and dist.is_initialized()):
             return 1
         return dist.get_world_size(self.process_group)
+
+    def _data_parallel_size(self) -> int:
+        """Replicas x the ranks each replica is sharded over: the params' mesh alone is one replica's."""
+        dtensors = [p for group in self.param_groups for p in group["params"] if isinstance(p, DTensor)]
+        return self.group_size() * (infer_data_parallel_size(dtensors) if dtensors else 1)
 
     # ------------------------------------------------------------------ step
 

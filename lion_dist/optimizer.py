@@ -321,12 +321,16 @@ class Lion(Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        self._batch_guard.check(p for group in self.param_groups for p in group["params"])
+        self._batch_guard.check((p for group in self.param_groups for p in group["params"]), self._data_parallel_size())
         works = [self._gather(gi, group) for gi, group in enumerate(self.param_groups)]
         grads = [g for work in works for g in work.local_grads]
         where = [(gi, pi) for gi, work in enumerate(works) for pi in work.positions]
         skip = self._nonfinite.check(grads, lambda i: self._param_name(*where[i]))
         return loss, works, skip
+
+    def _data_parallel_size(self) -> int | None:
+        """How many ranks see different data, for the batch guard; None: infer it from the params' mesh."""
+        return None
 
     @staticmethod
     def _sr_seed(gi: int, group: dict[str, Any]) -> int | None:

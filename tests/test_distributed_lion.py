@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import math
+import warnings
 from collections.abc import Iterable
 
 import pytest
@@ -22,7 +23,7 @@ from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from lion_dist import Lion, distributed_lion
+from lion_dist import Lion, SmallBatchWarning, distributed_lion
 from lion_dist.distributed_lion import (
     DistributedLion,
     choose_transport,
@@ -188,8 +189,11 @@ def sharded_replicas_check(rank: int) -> dict:
         results["mixed_shards_error"] = str(error)
     model.zero_grad()
 
-    opt = distributed_lion.setup(model, process_group=mesh.get_group("replicate"), lr=LR, batch_size_policy="ignore")
-    train(model, opt, rank, 3)
+    opt = distributed_lion.setup(model, process_group=mesh.get_group("replicate"), lr=LR, micro_batch_size=8)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        train(model, opt, rank, 3)
+    results["guard"] = [str(w.message) for w in caught if issubclass(w.category, SmallBatchWarning)]
     lm_loss(model, markov_batch(99 + rank)).backward()
     params = list(model.parameters())
     results["trace"] = [recorded_step(opt, params)]
@@ -326,6 +330,9 @@ def test_fsdp2_sharded_replicas(results: list[dict]) -> None:
     sharded = [r["sharded"] for r in results]
     assert all("set_requires_all_reduce" in s["hsdp_error"] for s in sharded)
     assert all("different shards" in s["mixed_shards_error"] for s in sharded)
+    # the batch guard counts every rank of every replica: micro batch 8 x 1 x (2 replicas x 2 shards) = 32
+    assert [len(s["guard"]) for s in sharded] == [1, 0, 0, 0]
+    assert "effective batch is 32" in sharded[0]["guard"][0] and "data-parallel size 4" in sharded[0]["guard"][0]
     for s in sharded[1:]:  # full params agree across replicas (ranks 0, 1: replica 0; ranks 2, 3: replica 1)
         assert same(sharded[0]["full_params"], s["full_params"])
     for shard in (0, 1):  # the same shard in both replicas: ranks shard and 2 + shard vote together
