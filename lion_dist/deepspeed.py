@@ -12,8 +12,10 @@ under optimizer offload) and looks any other name up as an attribute of `torch.o
   name; nothing of torch or DeepSpeed is replaced), which DeepSpeed's documented lookup then finds. That path
   cannot see `train_batch_size` and DeepSpeed still asks for `"zero_allow_untested_optimizer": true` under
   ZeRO, so `initialize` is the recommended one.
+- `to_universal(...)`: a ZeRO 1/2 checkpoint of Lion in DeepSpeed's universal format, to resume at another
+  data-parallel world size (DeepSpeed's own `ds_to_universal` knows only Adam's state).
 
-`deepspeed` is imported only inside `initialize`: `lion_dist` works without it.
+`deepspeed` is imported only inside `initialize` and `to_universal`: `lion_dist` works without it.
 """
 
 from __future__ import annotations
@@ -23,7 +25,10 @@ import difflib
 import inspect
 import json
 import os
+import re
+import shutil
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -237,3 +242,100 @@ def register() -> None:
             f"torch.optim.{OPTIMIZER_TYPE} is already {existing!r}; not replacing it with lion_dist.Lion"
         )
     setattr(torch.optim, OPTIMIZER_TYPE, Lion)
+
+
+_OPTIM_FILE = re.compile(r"zero_pp_rank_(\d+)_mp_rank_(\d+)_optim_states\.pt$")
+
+
+def to_universal(checkpoint: str | os.PathLike, output: str | os.PathLike | None = None) -> Path:
+    """Convert a ZeRO 1/2 checkpoint of `lion_dist.Lion` into DeepSpeed's universal format; return its path.
+
+    `checkpoint` is the tag directory `engine.save_checkpoint(save_dir)` wrote (`<save_dir>/<tag>`); `output`
+    defaults to `<checkpoint>_universal`, and `latest_universal` beside it names it, so an engine with
+    `"checkpoint": {"load_universal": true}` resumes from `engine.load_checkpoint(<output's parent>)` at any
+    data-parallel world size. DeepSpeed's own converter (`deepspeed.checkpoint.ds_to_universal`, 0.19.8) reads
+    Adam's `exp_avg_sq` by name and fails on Lion; DeepSpeed's ZeRO 1/2 universal loader takes the state names
+    from the files it finds, so this writes the same layout with Lion's: `zero/<param>/fp32.pt` and `exp_avg.pt`
+    (full tensors), `zero/optimizer_state.pt` (the param groups: lr, lr0, step, ...) and the model states.
+    """
+    from deepspeed.checkpoint.constants import (
+        BASE_OPTIMIZER_STATE,
+        OPTIMIZER_STATE_DICT,
+        PARAM,
+        PARAM_GROUPS,
+        PARAM_SHAPES,
+        PARAM_SLICE_MAPPINGS,
+        SINGLE_PARTITION_OF_FP32_GROUPS,
+        ZERO_STAGE,
+    )
+
+    from lion_dist.checkpoint import _write_atomically
+
+    source = Path(checkpoint)
+    target = Path(output) if output is not None else source.with_name(f"{source.name}_universal")
+    found = sorted(
+        (int(m[1]), int(m[2]), p) for p in source.glob("*_optim_states.pt") if (m := _OPTIM_FILE.search(p.name))
+    )
+    if not found:
+        raise FileNotFoundError(
+            f"{os.fspath(source)!r} holds no ZeRO optimizer files (*_optim_states.pt); pass the tag directory "
+            "engine.save_checkpoint wrote, e.g. 'ckpt/global_step1000'"
+        )
+    first = torch.load(found[0][2], map_location="cpu", weights_only=False)[OPTIMIZER_STATE_DICT]
+    stage = int(first.get(ZERO_STAGE, 1))
+    if stage not in (1, 2):
+        raise ValueError(
+            f"{os.fspath(source)!r} is a ZeRO-{stage} checkpoint: DeepSpeed 0.19.8's ZeRO-3 universal loader reads "
+            "a per-param 'step' and Adam's 'exp_avg_sq' (KeyError: 'step'), which Lion does not keep, so a ZeRO-3 "
+            "run resumes at the world size it was saved at"
+        )
+    if not isinstance(first[BASE_OPTIMIZER_STATE], dict):
+        raise ValueError(
+            f"{os.fspath(source)!r} was saved with zero_optimization.elastic_checkpoint: true, which keeps no param "
+            "groups (lr0, step); save without it to convert"
+        )
+    model_files = sorted(source.glob("mp_rank_*_model_states.pt"))
+    if len(model_files) != 1 or any(mp != 0 for _, mp, _ in found):
+        raise ValueError(
+            f"{os.fspath(source)!r} has {len(model_files)} model-state files (mp_rank_*_model_states.pt); "
+            "to_universal converts data-parallel ZeRO 1/2 checkpoints without tensor or pipeline parallelism"
+        )
+    model_state = torch.load(model_files[0], map_location="cpu", weights_only=False)
+    if [dp for dp, _, _ in found] != list(range(model_state["dp_world_size"])):
+        raise ValueError(
+            f"{os.fspath(source)!r} has optimizer files of ranks {[dp for dp, _, _ in found]}, but was saved by "
+            f"{model_state['dp_world_size']} ranks: the checkpoint is incomplete (a save cut short?)"
+        )
+    if target.exists() and any(target.iterdir()):
+        raise FileExistsError(f"{os.fspath(target)!r} is not empty; remove it or pass another output")
+
+    fragments: dict[str, dict[str, list[torch.Tensor]]] = {}
+    for dp, _, path in found:
+        optim = first if dp == 0 else torch.load(path, map_location="cpu", weights_only=False)[OPTIMIZER_STATE_DICT]
+        for group, mapping in enumerate(optim[PARAM_SLICE_MAPPINGS]):
+            state = optim[BASE_OPTIMIZER_STATE]["state"].get(group, {})
+            if not set(state) <= {"exp_avg"}:
+                raise ValueError(
+                    f"optimizer state in {os.fspath(path)!r} has {sorted(state)}, not lion_dist.Lion's 'exp_avg'; "
+                    "convert other optimizers with DeepSpeed's ds_to_universal"
+                )
+            flat = {"fp32": optim[SINGLE_PARTITION_OF_FP32_GROUPS][group], **state}
+            for name, fragment in mapping.items():
+                for key, tensor in flat.items():
+                    fragments.setdefault(name, {}).setdefault(key, []).append(
+                        tensor.narrow(0, fragment.start, fragment.numel)
+                    )
+
+    shapes = {name: shape for group in model_state[PARAM_SHAPES] for name, shape in group.items()}
+    for name, states in fragments.items():
+        (target / "zero" / name).mkdir(parents=True, exist_ok=True)
+        for key, pieces in states.items():
+            torch.save({PARAM: torch.cat(pieces).view(shapes[name])}, target / "zero" / name / f"{key}.pt")
+    # DeepSpeed's layout: everything but the sharded tensors, with the base optimizer's param groups on top
+    sharded = (BASE_OPTIMIZER_STATE, PARAM_SLICE_MAPPINGS, SINGLE_PARTITION_OF_FP32_GROUPS)
+    common = {k: v for k, v in first.items() if k not in sharded}
+    common[PARAM_GROUPS] = first[BASE_OPTIMIZER_STATE][PARAM_GROUPS]
+    torch.save(common, target / "zero" / "optimizer_state.pt")
+    shutil.copy2(model_files[0], target)
+    _write_atomically(target.parent / "latest_universal", target.name)  # last: only a whole conversion is named
+    return target
