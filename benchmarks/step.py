@@ -8,13 +8,20 @@ Workloads (issue 3): W1 one 64M-element tensor; W2 a GPT-2-small-like list (GPU:
 tensors, 124M elements; CPU: 10 GPT-2 blocks at width 448, 120 tensors, 24M elements); W3 2000 tensors of 1024.
 Params and grads share a dtype (fp32 or bf16); every optimizer keeps its default state dtype.
 
-For each optimizer: the median `step()` time, the ratio to lion_dist (its default backend, nonfinite="ignore":
-above 1 means slower than lion_dist), the GB/s it achieves counting the bytes its algorithm must move (Lion: read
-p, g, m and write p, m; AdamW: also v), that as a % of the in-place add bandwidth measured on a buffer of the
-same size, its optimizer state bytes, and the peak extra memory during one step (CUDA: max_memory_allocated;
-CPU: the growth of the process's resident-set high-water mark, reset through /proc/self/clear_refs). The
-"bandwidth floor" row is the time Lion's bytes take at that add bandwidth. Optimizers that cannot run here
-(no GPU, a package or a compiler missing, a failed build) are listed with the reason; nothing fails the run.
+For each optimizer: the median `step()` time, the ratio to lion_dist (its default backend, nonfinite="ignore": above 1
+means slower than lion_dist), the GB/s it achieves counting the bytes its algorithm must move (Lion: read p, g, m and
+write p, m; AdamW: also v), that as a % of the in-place add bandwidth measured on a buffer of the same size, its
+optimizer state bytes, and the peak extra memory during one step (CUDA: max_memory_allocated; CPU: the growth of the
+process's resident-set high-water mark, reset through /proc/self/clear_refs). The "bandwidth floor" row is the time
+Lion's bytes take at that add bandwidth. Optimizers that cannot run here (no GPU, a package or a compiler missing,
+a failed build) are listed with the reason; nothing fails the run.
+
+The host-cost rows (leave them out with --no-host; `--workloads ""` runs only them) time the Python and launch
+work of a step, in CPU time of the stepping thread (so other processes on the machine do not count): a whole
+step on 2000 params of 16 elements, where the update itself is negligible, for lion_dist, lion-pytorch and fused
+AdamW, and the Triton launcher's host side for GPT-2 small's 148 tensors and W3, with the launch stubbed out
+(it runs on CPU tensors, so it leaves out the pinned-memory copy of the gradient table and Triton's own
+dispatch).
 """
 
 from __future__ import annotations
@@ -37,8 +44,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from lion_dist import Lion, cpu_kernel, functional
-from lion_dist.functional import LionHyperparams, resolve_backend
+from lion_dist import Lion, functional
+from lion_dist.backends import cpu_kernel, resolve_backend
+from lion_dist.spec import LionHyperparams
 
 LR, WD, BETAS = 1e-4, 0.01, (0.9, 0.99)
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -259,6 +267,21 @@ class Report:
     rows: list[Row] = field(default_factory=list)
     not_run: dict[str, str] = field(default_factory=dict)  # optimizer -> why it did not run
     notes: list[str] = field(default_factory=list)
+    host: list[HostRow] = field(default_factory=list)
+
+
+@dataclass
+class HostRow:
+    """Host (Python and launch) time of a step, in CPU time of this thread: other processes do not count."""
+
+    case: str
+    what: str
+    us_per_step: float
+    tensors: int
+
+    @property
+    def us_per_tensor(self) -> float:
+        return self.us_per_step / self.tensors
 
 
 def _record_failure(report: Report, name: str, e: Exception) -> None:
@@ -361,6 +384,94 @@ def bench_workload(name: str, shapes, dtype_name: str, device: str, repeats: int
     gc.collect()
 
 
+# ---------------------------------------------------------------------------------------------- host cost
+
+
+def _host_us(step: Callable[[], object], refresh: Callable[[], object], repeats: int) -> float:
+    """Median CPU time of `step()` in microseconds, `refresh()` (new gradient tensors) before each, gc paused."""
+    times = []
+    for _ in range(repeats):
+        refresh()
+        gc.disable()
+        start = time.thread_time()
+        step()
+        times.append(time.thread_time() - start)
+        gc.enable()
+    return 1e6 * statistics.median(times)
+
+
+def _fresh_grads(params: list[torch.Tensor], make=torch.randn) -> Callable[[], None]:
+    def refresh() -> None:
+        for p in params:
+            p.grad = make(p.shape, dtype=p.dtype)  # new tensors every step, as with zero_grad(set_to_none=True)
+
+    return refresh
+
+
+def host_costs(report: Report, smoke: bool, repeats: int) -> None:
+    """Per-tensor host cost of a whole step on many tiny CPU tensors (the kernel's own work is negligible there),
+    and the Triton launcher's host time per step with the launch stubbed out, so that it runs without a GPU."""
+    n = 200 if smoke else 2000
+    contenders = [
+        ("lion_dist Lion (auto: cpu_fused)", _lion_dist("auto")),
+        ("lion-pytorch Lion", _lion_pytorch("plain")),
+        ("torch AdamW fused", _adamw(fused=True)),
+    ]
+    for name, make in contenders:
+        params = [torch.zeros(16, requires_grad=True) for _ in range(n)]
+        try:
+            opt = make(params)
+        except Unavailable as e:
+            report.not_run.setdefault(name, str(e))
+            continue
+        refresh = _fresh_grads(params)
+        refresh()
+        opt.step()
+        case = f"whole step, {n} params of 16 fp32 elements"
+        report.host.append(HostRow(case, name, _host_us(opt.step, refresh, repeats), n))
+        if isinstance(opt, Lion):
+            report.host.append(
+                HostRow(case, "lion_dist plan check only (Lion._bind)", _host_us(opt._bind, refresh, repeats), n)
+            )
+    _triton_launcher_host(report, smoke, repeats)
+
+
+class _NoLaunch:
+    """Stands in for the Triton kernel: `kernel[grid](...)` does nothing."""
+
+    def __getitem__(self, grid):
+        return lambda *args, **kwargs: None
+
+
+def _triton_launcher_host(report: Report, smoke: bool, repeats: int) -> None:
+    try:
+        from lion_dist.backends import Entry, triton_kernel
+    except Exception as e:
+        report.not_run["Triton launcher host time"] = f"{type(e).__name__}: {e}".splitlines()[0]
+        return
+    gpt2 = [(50257, 768), (1024, 768), *gpt2_block_shapes(768) * 12, (768,), (768,)]
+    cases = {"GPT-2 small": gpt2[:20] if smoke else gpt2, "W3": [(1024,)] * (50 if smoke else 2000)}
+    hp = LionHyperparams(lr=LR, beta1=BETAS[0], beta2=BETAS[1], weight_decay=WD)
+    backend = triton_kernel.BACKEND
+    original = triton_kernel._lion_kernel, triton_kernel.check_device
+    triton_kernel._lion_kernel, triton_kernel.check_device = _NoLaunch(), lambda device: None
+    try:
+        for case, shapes in cases.items():
+            params = [torch.empty(s) for s in shapes]  # addresses are all the launcher reads
+            entries = [Entry(p, torch.empty_like(p), torch.float32, i) for i, p in enumerate(params)]
+            prepared = backend.prepare(entries)
+            grads: list[torch.Tensor] = []
+
+            def refresh(params=params, grads=grads) -> None:
+                grads[:] = [torch.empty(p.shape) for p in params]
+
+            us = _host_us(lambda p=prepared, g=grads: backend.step(p, g, hp), refresh, repeats)
+            label = f"Triton launcher, launch stubbed ({len(shapes)} tensors)"
+            report.host.append(HostRow(f"{case}: {len(shapes)} tensors", label, us, len(shapes)))
+    finally:
+        triton_kernel._lion_kernel, triton_kernel.check_device = original
+
+
 # ---------------------------------------------------------------------------------------------- output
 
 
@@ -393,6 +504,14 @@ def markdown(report: Report) -> str:
                 f"| {r.optimizer} | {_fmt(r.ms, '.2f')} | {_fmt(r.ratio, '.2f')} | {_fmt(r.gbs, '.1f')} | "
                 f"{_fmt(r.pct_add_bw, '.0f')} | {_fmt(r.state_mb, '.1f')} | {_fmt(r.peak_extra_mb, '.1f')} |"
             )
+    if report.host:
+        out.append("")
+        out.append("### Host cost per step (CPU time of the stepping thread, median; new gradient tensors each step)")
+        out.append("")
+        out.append("| case | what | us per step | us per tensor |")
+        out.append("|---|---|---:|---:|")
+        for h in report.host:
+            out.append(f"| {h.case} | {h.what} | {h.us_per_step:,.0f} | {h.us_per_tensor:.2f} |")
     if m.get("seconds") is not None:
         out.append("")
         out.append(f"The run took {m['seconds']:.0f} s.")
@@ -453,8 +572,8 @@ def main(argv: list[str] | None = None) -> Report:
     parser.add_argument("--peers", default="", help="only optimizers whose name contains one of these (comma-sep.)")
     parser.add_argument("--repeats", type=int, default=None, help="timed steps per optimizer (median)")
     parser.add_argument("--json", type=Path, default=None, help="also write the results here")
+    parser.add_argument("--no-host", action="store_true", help="leave out the host-cost rows")
     args = parser.parse_args(argv)
-
     device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     if device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: no CUDA GPU is visible to torch")
@@ -480,6 +599,9 @@ def main(argv: list[str] | None = None) -> Report:
         for dtype_name in dtype_names:
             print(f"[{time.perf_counter() - start:6.1f} s] {name} {dtype_name} ...", file=sys.stderr, flush=True)
             bench_workload(name, all_workloads[name], dtype_name, device, repeats, peer_list, report)
+    if not args.no_host:
+        print(f"[{time.perf_counter() - start:6.1f} s] host cost ...", file=sys.stderr, flush=True)
+        host_costs(report, args.smoke, 5 if args.smoke else 50)
     report.machine["seconds"] = time.perf_counter() - start
 
     print(markdown(report), flush=True)

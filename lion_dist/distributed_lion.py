@@ -35,9 +35,9 @@ gradient all-reduce) and returns the optimizer. FSDP2 inside each replica: shard
 private buffer for the next micro-batch and never writes `param.grad` (checked on torch 2.13).
 """
 
-import dataclasses
+import copy
 import math
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import torch
@@ -49,10 +49,10 @@ from torch.distributed.fsdp import FSDPModule
 from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel
 
-from lion_dist import functional
 from lion_dist.batch_guard import infer_data_parallel_size
-from lion_dist.functional import LionHyperparams
-from lion_dist.optimizer import Lion, _LocalWork
+from lion_dist.optimizer import Lion
+from lion_dist.plan import Bound
+from lion_dist.spec import LionHyperparams
 
 AGGREGATES = ("vote", "mean")
 TRANSPORTS = ("auto", "gather", "reduce")
@@ -242,6 +242,16 @@ class DistributedLion(Lion):
         own = ("aggregate", "transport", "process_group", "_meshes_checked")
         return {**super().__getstate__(), **{key: self.__dict__[key] for key in own}}
 
+    def __deepcopy__(self, memo: dict[int, Any]) -> "DistributedLion":
+        """A copy with its own params and state that exchanges over the same process group (a group is a
+        connection to the other ranks: it is shared, never copied)."""
+        if self.process_group is not None:
+            memo[id(self.process_group)] = self.process_group
+        copied = type(self).__new__(type(self))
+        memo[id(self)] = copied
+        copied.__setstate__(copy.deepcopy(self.__getstate__(), memo))
+        return copied
+
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         super().add_param_group(param_group)
         group = self.param_groups[-1]
@@ -266,51 +276,37 @@ class DistributedLion(Lion):
 
     # ------------------------------------------------------------------ step
 
-    @torch.no_grad()
-    def step(self, closure: Callable[[], float] | None = None) -> float | None:  # type: ignore[override]
-        """Local Lion directions -> one exchange of votes -> the same update on every replica."""
-        world = self.group_size()
-        if world == 1:
-            return super().step(closure)
-        loss, works, skip = self._prepare_step(closure)
+    def _exchanges_directions(self) -> bool:
+        """With more than one replica, the step is split: local directions, one exchange, the agreed update."""
+        return self.group_size() > 1
+
+    def _aggregate(
+        self, bound: list[Bound], hps: list[LionHyperparams], directions: list[list[Tensor]]
+    ) -> list[list[Tensor] | None]:
+        """Every group's local directions -> +-1 votes -> one exchange -> the same direction on every replica.
+
+        A group with lr = 0 (e.g. DCP creating state) has advanced its momentum as in Lion, but exchanges
+        nothing and keeps its params.
+        """
         if not self._meshes_checked:
-            self._check_meshes([p for work in works for p in work.params])
-        if skip is not None and bool(skip):  # a device flag is read on the host: the exchange syncs anyway
-            return loss
-
+            self._check_meshes([p for b in bound for p in b.plan.entry_params])
         rank = dist.get_rank(self.process_group)
-        votes, exchanged = [], []  # votes: one bool tensor per exchanging group; exchanged: each group's params
-        for group, work in zip(self.param_groups, works, strict=True):
-            hp = self._hyperparams(group)
-            keep = [i for i, p in enumerate(work.local_params) if p.numel() > 0]
-            directions = self._local_directions(work, keep, hp, group["backend"])
-            # lr = 0 (e.g. DCP creating state): the momentum moves as in Lion, the params cannot
-            exchanged.append([work.local_params[i] for i in keep] if hp.lr != 0 else [])
-            if exchanged[-1]:
-                votes.append(_encode(directions, zero_votes_up=(rank + group["step"]) % 2 == 1))
-        if votes:
-            updates = self._exchange(torch.cat(votes), world).split([sum(p.numel() for p in ps) for ps in exchanged])
-            for gi, (group, local_params, update) in enumerate(zip(self.param_groups, exchanged, updates, strict=True)):
-                if local_params:
-                    self._apply(gi, group, local_params, update)
-        for group in self.param_groups:
-            if self._hyperparams(group).lr != 0:
-                group["step"] += 1
-        return loss
-
-    def _local_directions(self, work: _LocalWork, keep: list[int], hp: LionHyperparams, backend: str) -> list[Tensor]:
-        """Each kept param's -sign(c), with its momentum advanced: plain Lion's own update (any backend) applied
-        with lr = 1 and no decay to a zero "shadow" of the param, which ends at 0 - sign(c)."""
-        shadows = [torch.zeros_like(work.local_params[i]) for i in keep]
-        if shadows:
-            functional.lion(
-                shadows,
-                [work.local_grads[i] for i in keep],
-                [work.local_exp_avgs[i] for i in keep],
-                dataclasses.replace(hp, lr=1.0, weight_decay=0.0, cautious_wd=False),
-                backend=backend,
-            )
-        return shadows
+        votes, exchanging = [], []
+        for group, hp, u in zip(self.param_groups, hps, directions, strict=True):
+            exchanging.append(bool(u) and (isinstance(hp.lr, Tensor) or hp.lr != 0))
+            if exchanging[-1]:
+                votes.append(_encode(u, zero_votes_up=(rank + group["step"]) % 2 == 1))
+        if not votes:
+            return [None] * len(directions)
+        totals = iter(self._exchange(torch.cat(votes), self.group_size()).split([v.numel() for v in votes]))
+        agreed: list[list[Tensor] | None] = []
+        for take, u in zip(exchanging, directions, strict=True):
+            if not take:
+                agreed.append(None)
+                continue
+            pieces = next(totals).split([d.numel() for d in u])
+            agreed.append([v.view_as(d).to(d.dtype) for v, d in zip(pieces, u, strict=True)])
+        return agreed
 
     def _exchange(self, bits: Tensor, world: int) -> Tensor:
         """S = sum over replicas of each element's +-1 vote (one collective), turned into the fp32 direction u."""
@@ -326,14 +322,6 @@ class DistributedLion(Lion):
         if self.aggregate == "vote":
             return total.sign().float()
         return total.float().div_(world)
-
-    def _apply(self, gi: int, group: dict[str, Any], params: Sequence[Tensor], update: Tensor) -> None:
-        """p <- p * (1 - lr * wd) - lr * u on every replica, with plain Lion's rounding and write-back."""
-        hp = self._hyperparams(group)
-        directions = [u.view_as(p) for u, p in zip(update.split([p.numel() for p in params]), params, strict=True)]
-        seed = self._sr_seed(gi, group)
-        generator = None if seed is None else functional.stochastic_rounding_generator(seed, params[0].device)
-        functional.apply_direction(params, directions, hp, generator)
 
     def _check_meshes(self, params: Sequence[Tensor]) -> None:
         """Refuse to vote across ranks that hold different shards of a param (that would mix unrelated elements)."""
@@ -355,9 +343,9 @@ class DistributedLion(Lion):
 
 
 def _encode(directions: Sequence[Tensor], *, zero_votes_up: bool) -> Tensor:
-    """One bool per element, True = a +1 vote. Directions hold -sign(c); 0 (and NaN) vote `zero_votes_up`."""
+    """One bool per element, True = a +1 vote. Directions hold sign(c); 0 (and NaN) vote `zero_votes_up`."""
     flat = [d.reshape(-1) for d in directions]
-    return torch.cat([~(d > 0) if zero_votes_up else d < 0 for d in flat])
+    return torch.cat([~(d < 0) if zero_votes_up else d > 0 for d in flat])
 
 
 def _all_gather(output: Tensor, tensor: Tensor, group: ProcessGroup | None) -> None:

@@ -6,7 +6,8 @@ here by accident. We make it a policy:
 
 - "skip": the whole step is skipped on every rank when any rank saw a non-finite gradient (one 1-element
   all-reduce; on GPU the fused kernel reads the flag on the device, so there is no host sync). Skipped steps
-  are counted and rank 0 warns once.
+  are counted and rank 0 warns once: on GPU at a later step, once the flag's copy to the host has landed (an
+  event says so; nothing waits for it). A skipped step still counts in the group's `step`, on every device.
 - "error": every rank raises `NonFiniteGradientError`; the rank holding the bad gradient names the param.
 - "ignore" (the default): no check; non-finite values propagate into params and momentum as NaN, visibly.
 
@@ -19,12 +20,13 @@ from __future__ import annotations
 import warnings
 from collections import defaultdict
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from lion_dist import cpu_kernel
+from lion_dist.backends import cpu_kernel
 
 POLICIES = ("skip", "error", "ignore")
 
@@ -66,6 +68,10 @@ def nonfinite_mask(grads: Sequence[Tensor]) -> list[Tensor]:
     return result
 
 
+def _capturing(flag: Tensor) -> bool:
+    return flag.device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+
+
 class NonfiniteGuard:
     """Applies the `nonfinite` policy to one step's local gradients."""
 
@@ -74,7 +80,7 @@ class NonfiniteGuard:
             raise ValueError(f"nonfinite must be one of {POLICIES}, got {policy!r}")
         self.policy = policy
         self._skipped: Tensor | None = None
-        self._pending_warning: Tensor | None = None
+        self._pending: list[tuple[Tensor, Any]] = []  # device flags on their way to the host, with their events
         self._warned = False
 
     @property
@@ -90,7 +96,7 @@ class NonfiniteGuard:
         """
         if self.policy == "ignore":
             return None
-        self._warn_for_earlier_skip()
+        self._warn_for_earlier_skips()
         device = _flag_device(grads)
         mask = nonfinite_mask(grads)
         flag = (
@@ -106,13 +112,16 @@ class NonfiniteGuard:
                 self._raise(mask, describe)
             return False
 
-        self._skipped = flag.clone() if self._skipped is None else self._skipped + flag
+        self._skipped = flag.clone() if self._skipped is None else self._skipped.add_(flag)
         if flag.device.type == "cpu":
             skip = bool(flag)
             if skip:
                 self._warn_skipped()
             return skip
-        self._pending_warning = flag.to("cpu", non_blocking=True)
+        if not (self._warned or _capturing(flag)):  # read later, once the copy has landed: never a host sync
+            event = torch.cuda.Event()
+            self._pending.append((flag.to("cpu", non_blocking=True), event))
+            event.record()
         return flag
 
     def _raise(self, mask: Sequence[Tensor], describe: Callable[[int], str]) -> None:
@@ -125,15 +134,18 @@ class NonfiniteGuard:
             "Lion(..., nonfinite='skip') to skip such steps instead of stopping."
         )
 
-    def _warn_for_earlier_skip(self) -> None:
-        if self._pending_warning is not None and bool(self._pending_warning):
-            self._warn_skipped()
-        self._pending_warning = None
+    def _warn_for_earlier_skips(self) -> None:
+        """Warn for a skip of an earlier GPU step whose flag has reached the host; wait for none."""
+        while self._pending and self._pending[0][1].query():
+            host_flag, _ = self._pending.pop(0)
+            if bool(host_flag):
+                self._warn_skipped()
 
     def _warn_skipped(self) -> None:
         if self._warned or (_distributed() and dist.get_rank() != 0):
             return
         self._warned = True
+        self._pending.clear()
         warnings.warn(
             "lion_dist.Lion skipped a step because a gradient held a NaN or an Inf (on some rank); params "
             "and momentum were left unchanged. This warning is shown once; Lion.skipped_steps counts them. "

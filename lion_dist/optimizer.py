@@ -1,41 +1,41 @@
 """`lion_dist.Lion`: a `torch.optim.Optimizer` that manages groups and state and dispatches the math.
 
-The class knows no kernel details (`functional.py`, `triton_kernel.py`, `cpu_kernel.py` hold those) and
-updates only each rank's local shard (`shards.py`). Per param it keeps one tensor of state, the momentum
-`exp_avg`, created at the first step; everything else lives in the param groups, so `state_dict()` and
-`torch.distributed.checkpoint` carry it.
+The class knows no kernel details: `spec.py` holds the math, `backends/` the ways to run it, and `plan.py`
+the per-group plan (local views, momenta, routes to backends, their tables) that is built once and reused
+across steps. It updates only each rank's local shard (`shards.py`). Per param it keeps one tensor of state,
+the momentum `exp_avg`, created at the first step; everything else lives in the param groups, so
+`state_dict()` and `torch.distributed.checkpoint` carry it.
+
+`step` is a template: the closure, the batch guard, binding each group's plan to this step's gradients, the
+non-finite policy, then `_update`, which runs the fused step; a subclass that needs the direction before it is
+applied (Distributed Lion) returns True from `_exchanges_directions` and combines the directions in
+`_aggregate`.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import torch
 from torch import Tensor
-from torch.distributed.tensor import DTensor
 from torch.optim import Optimizer
 
-from lion_dist import functional, shards
+from lion_dist import shards, spec
+from lion_dist.backends import NAMES as BACKENDS
 from lion_dist.batch_guard import BatchGuard
-from lion_dist.functional import BACKENDS, LionHyperparams
 from lion_dist.nonfinite import NonfiniteGuard
+from lion_dist.plan import Bound, PlanCache, momentum_dtype_for
+from lion_dist.spec import FLOAT_DTYPES, DeviceKey, LionHyperparams
 
 MOMENTUM_DTYPES = (None, torch.float32, torch.bfloat16)
-_SEED_MIX = 1_000_003
-
-
-@dataclass
-class _LocalWork:
-    """One group's tensors for this step: global params (for state and collectives) and their local parts."""
-
-    params: list[Tensor] = field(default_factory=list)
-    local_params: list[Tensor] = field(default_factory=list)
-    local_grads: list[Tensor] = field(default_factory=list)
-    local_exp_avgs: list[Tensor] = field(default_factory=list)
-    positions: list[int] = field(default_factory=list)  # index of each param in its group, to name it in errors
+_NOT_TRACEABLE = (
+    "lion_dist.Lion.step checks each gradient against its cached plan with data_ptr() and calls its fused kernels "
+    "with raw pointer tables (ctypes on CPU, Triton on GPU): nothing dynamo can trace, and the host work is a few "
+    "C-level passes already. torch.compile runs the step eagerly; to capture a whole step use capturable=True and "
+    "a CUDA graph."
+)
 
 
 def _is_real_number(value: Any) -> bool:
@@ -43,19 +43,42 @@ def _is_real_number(value: Any) -> bool:
 
 
 def _validate_lr(lr: Any, *, allow_zero: bool) -> float:
-    if isinstance(lr, Tensor) and lr.numel() == 1:
+    if isinstance(lr, Tensor):
+        if lr.numel() != 1:
+            raise ValueError(
+                f"Tensor lr must be 1-element, got one of shape {tuple(lr.shape)}; pass a number or e.g. "
+                "torch.tensor(1e-4)"
+            )
         lr = lr.item()
     if not _is_real_number(lr) or lr < 0 or (lr == 0 and not allow_zero):
+        bound = ">= 0" if allow_zero else "> 0"
         raise ValueError(
-            f"lr must be a finite number > 0, got {lr!r}. Lion's lr is typically 3-10x smaller than AdamW's "
+            f"lr must be a finite number {bound}, got {lr!r}. Lion's lr is typically 3-10x smaller than AdamW's "
             "(e.g. 1e-4 where AdamW uses 3e-4 to 1e-3)."
         )
     return float(lr)
 
 
-def _validate_group(group: dict[str, Any]) -> None:
+def _validate_decay(lr: float, weight_decay: float, *, decoupled: bool, lr0: float | None) -> None:
+    """Refuse a decay factor `1 - lr * wd` (with decoupled decay `1 - lr / lr0 * wd`) that is zero or negative:
+    it would zero or flip every param."""
+    product = lr * weight_decay / lr0 if decoupled and lr0 else lr * weight_decay
+    if product >= 1:
+        what = (
+            f"lr / lr0 x weight_decay = {lr!r} / {lr0!r} x {weight_decay!r}"
+            if decoupled
+            else (f"lr x weight_decay = {lr!r} x {weight_decay!r}")
+        )
+        raise ValueError(
+            f"{what} = {product!r} >= 1, so the decay factor 1 - {product!r} would zero or flip every param each "
+            "step. Lion's lr x weight_decay is typically around 1e-5 to 1e-3 (e.g. lr 1e-4 with weight_decay 0.1 to "
+            "1); lower one of them."
+        )
+
+
+def _validate_group(group: dict[str, Any], *, allow_zero_lr: bool = False) -> None:
     """Raise a ValueError/TypeError naming the bad hyperparameter, its value and what is allowed."""
-    _validate_lr(group["lr"], allow_zero=False)
+    lr = _validate_lr(group["lr"], allow_zero=allow_zero_lr)
     betas = group["betas"]
     if not (isinstance(betas, (tuple, list)) and len(betas) == 2):
         raise ValueError(f"betas must be a pair (beta1, beta2), got {betas!r}; Lion's default is (0.9, 0.99)")
@@ -65,6 +88,9 @@ def _validate_group(group: dict[str, Any]) -> None:
     wd = group["weight_decay"]
     if not _is_real_number(wd) or wd < 0:
         raise ValueError(f"weight_decay must be a finite number >= 0, got {wd!r}. Lion's is typically 3-10x AdamW's.")
+    if not isinstance(group["decoupled_weight_decay"], bool):
+        raise TypeError(f"decoupled_weight_decay must be a bool, got {group['decoupled_weight_decay']!r}")
+    _validate_decay(lr, wd, decoupled=group["decoupled_weight_decay"], lr0=group.get("lr0", lr))
     factor = group["cautious_factor"]
     if factor is not None and (not _is_real_number(factor) or not 0.0 <= factor <= 1.0):
         raise ValueError(f"cautious_factor must be None (plain Lion) or in [0, 1], got {factor!r}")
@@ -77,16 +103,22 @@ def _validate_group(group: dict[str, Any]) -> None:
         )
     if not isinstance(group["seed"], int) or isinstance(group["seed"], bool):
         raise TypeError(f"seed must be an int, got {group['seed']!r}")
-    for flag in ("decoupled_weight_decay", "cautious_wd", "maximize", "stochastic_rounding"):
+    for flag in ("cautious_wd", "maximize", "stochastic_rounding", "capturable"):
         if not isinstance(group[flag], bool):
             raise TypeError(f"{flag} must be a bool, got {group[flag]!r}")
     for p in group["params"]:
         if not isinstance(p, Tensor):
             raise TypeError(f"Lion optimizes tensors, got a {type(p).__name__} in params")
-        if p.is_complex() or not p.is_floating_point():
+        if not (p.is_floating_point() or p.is_complex()) or p.dtype.to_real() not in FLOAT_DTYPES:
             raise TypeError(
-                f"Lion supports real floating-point params, got one of dtype {p.dtype} with shape "
-                f"{tuple(p.shape)}; optimize a complex param through torch.view_as_real(param)."
+                f"Lion optimizes floating-point params (fp32, bf16, fp16, fp64, or complex of those), got one of "
+                f"dtype {p.dtype} with shape {tuple(p.shape)}"
+            )
+        if p.is_complex() and group["momentum_dtype"] not in (None, torch.float32):
+            raise ValueError(
+                f"a complex param ({p.dtype}, shape {tuple(p.shape)}) has no momentum_dtype="
+                f"{group['momentum_dtype']}: its momentum is complex like it (momentum_dtype=None) or complex64 "
+                "(momentum_dtype=torch.float32)"
             )
 
 
@@ -105,6 +137,9 @@ class Lion(Optimizer):
         momentum_dtype: None (the param's dtype), torch.float32 or torch.bfloat16. Math is fp32 always.
         backend: "auto" (fused Triton on CUDA, fused C on CPU where available, else foreach), "foreach",
             "triton", "cpu_fused" or "reference". `use_triton=True/False` maps to "triton"/"foreach".
+        capturable: a step that reads nothing on the host and allocates nothing (the step count lives on the
+            device, lr may be a device tensor), so `opt.step()` can be captured in a CUDA graph and replayed;
+            fused Triton kernel only (CUDA params), as torch's Adam(capturable=True).
         stochastic_rounding, seed: round bf16 params stochastically, reproducibly from `seed` (0 by default, the
             same on every rank, so replicated shards round alike).
         nonfinite: "ignore" (default: no check; a NaN/Inf gradient shows up as NaN in the param), "skip" the step
@@ -128,6 +163,7 @@ class Lion(Optimizer):
         momentum_dtype: torch.dtype | None = None,
         backend: str = "auto",
         use_triton: bool | None = None,
+        capturable: bool = False,
         stochastic_rounding: bool = False,
         seed: int = 0,
         nonfinite: str = "ignore",
@@ -153,6 +189,7 @@ class Lion(Optimizer):
             maximize=maximize,
             momentum_dtype=momentum_dtype,
             backend=backend,
+            capturable=capturable,
             stochastic_rounding=stochastic_rounding,
             seed=seed,
         )
@@ -165,6 +202,7 @@ class Lion(Optimizer):
             min_batch_size=min_batch_size,
             policy=batch_size_policy,
         )
+        self._plans = PlanCache()
         super().__init__(params, defaults)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
@@ -176,12 +214,17 @@ class Lion(Optimizer):
             self.param_groups.pop()
             raise
         group.setdefault("lr0", float(group["lr"]))  # decoupled weight decay's reference lr
-        group.setdefault("step", 0)  # steps taken with lr > 0; seeds stochastic rounding
+        group.setdefault("step", 0)  # steps taken with lr > 0 (skipped ones too); seeds stochastic rounding
+        self._plans.clear()
 
     # ------------------------------------------------------------------ state
 
-    def __getstate__(self) -> dict[str, Any]:  # pickling and copy.deepcopy keep the two policies
+    def __getstate__(self) -> dict[str, Any]:  # pickling and copy.deepcopy keep the two policies, not the plans
         return {**super().__getstate__(), "_nonfinite": self._nonfinite, "_batch_guard": self._batch_guard}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        self._plans = PlanCache()  # a copy plans its own tensors
 
     @property
     def skipped_steps(self) -> int:
@@ -197,16 +240,29 @@ class Lion(Optimizer):
         )
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Load after checking everything first, so a bad state dict raises and leaves this one intact."""
+        """Load what the load-state-dict pre-hooks make of `state_dict`, after checking all of it, so a bad
+        state dict raises and leaves this optimizer as it was; then the post-hooks run, as in torch.optim."""
+        state_dict = state_dict.copy() if isinstance(state_dict, dict) else state_dict
+        for hook in self._optimizer_load_state_dict_pre_hooks.values():
+            result = hook(self, state_dict)
+            if result is not None:
+                state_dict = result
         current_values = self._check_state_dict(state_dict)
-        super().load_state_dict(state_dict)
+        pre_hooks, self._optimizer_load_state_dict_pre_hooks = self._optimizer_load_state_dict_pre_hooks, {}
+        try:
+            super().load_state_dict(state_dict)  # the pre-hooks ran above, on what is checked
+        finally:
+            self._optimizer_load_state_dict_pre_hooks = pre_hooks
+        self._plans.clear()  # new momentum tensors
         for group, values in zip(self.param_groups, current_values, strict=True):
             for key, value in values.items():  # keys an older or lion-pytorch state dict lacks
                 group.setdefault(key, value)
+            if isinstance(group["step"], Tensor) and not group["capturable"]:
+                group["step"] = int(group["step"])  # saved by a capturable run
             for p in group["params"]:
                 state = self.state.get(p)
                 if state and "exp_avg" in state:
-                    state["exp_avg"] = state["exp_avg"].to(group["momentum_dtype"] or p.dtype)
+                    state["exp_avg"] = state["exp_avg"].to(momentum_dtype_for(group["momentum_dtype"], p))
 
     def _check_state_dict(self, state_dict: Any) -> list[dict[str, Any]]:
         """Raise on anything that does not fit; return each current group's hyperparameters."""
@@ -231,7 +287,7 @@ class Lion(Optimizer):
                     f"{len(group['params'])}"
                 )
             merged = {**group, **saved, "params": group["params"]}
-            _validate_group(merged)
+            _validate_group(merged, allow_zero_lr=True)  # a schedule's warmup from 0 saves lr 0
             current_values.append({k: v for k, v in group.items() if k != "params"})
             for pi, (param_id, p) in enumerate(zip(saved["params"], group["params"], strict=True)):
                 self._check_param_state(state_dict["state"].get(param_id), p, f"param_groups[{gi}]['params'][{pi}]")
@@ -248,8 +304,10 @@ class Lion(Optimizer):
                 "(is this state dict from another optimizer?)"
             )
         exp_avg = state["exp_avg"]
-        if not isinstance(exp_avg, Tensor) or not exp_avg.is_floating_point():
+        if not isinstance(exp_avg, Tensor) or not (exp_avg.is_floating_point() or exp_avg.is_complex()):
             raise TypeError(f"state for {where}: exp_avg must be a floating-point tensor, got {exp_avg!r:.80}")
+        if exp_avg.is_complex() != p.is_complex():
+            raise TypeError(f"state for {where}: exp_avg is {exp_avg.dtype}, the param {p.dtype}")
         if exp_avg.shape != p.shape:
             raise ValueError(
                 f"state for {where}: exp_avg has shape {tuple(exp_avg.shape)}, the param has "
@@ -259,7 +317,13 @@ class Lion(Optimizer):
     # ------------------------------------------------------------------ step
 
     def _hyperparams(self, group: dict[str, Any]) -> LionHyperparams:
-        lr = _validate_lr(group["lr"], allow_zero=True)
+        """This step's hyperparameters of `group`, checked (a schedule may have changed lr): a 1-element lr on an
+        accelerator stays a tensor, read by the fused kernel on the device."""
+        lr = group["lr"]
+        on_device = isinstance(lr, Tensor) and lr.numel() == 1 and lr.device.type != "cpu"
+        if not on_device:
+            lr = _validate_lr(lr, allow_zero=True)
+            _validate_decay(lr, group["weight_decay"], decoupled=group["decoupled_weight_decay"], lr0=group["lr0"])
         wd = group["weight_decay"]
         if group["decoupled_weight_decay"]:
             wd = wd / group["lr0"]
@@ -282,95 +346,108 @@ class Lion(Optimizer):
             return names[pi]
         return f"param_groups[{gi}]['params'][{pi}] (shape {tuple(group['params'][pi].shape)})"
 
-    def _gather(self, gi: int, group: dict[str, Any]) -> _LocalWork:
-        """Local tensors of the group's params that have a grad, creating momentum at the first step.
+    def _data_parallel_size(self) -> int | None:
+        """How many ranks see different data, for the batch guard; None: infer it from the params' mesh."""
+        return None
 
-        This runs for every param on every step, so plain tensors take the shortest path.
+    def _exchanges_directions(self) -> bool:
+        """Whether `_update` needs each param's direction before it is applied (a split step)."""
+        return False
+
+    @staticmethod
+    def _sr_key(gi: int, group: dict[str, Any]) -> int | DeviceKey | None:
+        """This step's stochastic-rounding key for group `gi` (None: round to nearest); a capturable group's
+        counts its step on the device."""
+        if not group["stochastic_rounding"]:
+            return None
+        if isinstance(group["step"], Tensor):
+            return DeviceKey(spec.sr_key_base(group["seed"], gi), group["step"])
+        return spec.sr_key(group["seed"], gi, group["step"])
+
+    def _cautious_means(self, bound: Bound, hp: LionHyperparams) -> list[Tensor]:
+        """Each entry's cautious mean over its whole tensor: local counts, summed over shards in one batch.
+
+        Every param with a gradient takes part in the batch, an empty local shard with a count of 0, so that
+        all ranks reduce tensors of the same size.
         """
-        work = _LocalWork()
-        state_of = self.state
-        for pi, p in enumerate(group["params"]):
-            grad = p.grad
-            if grad is None:
-                continue
-            if grad.is_sparse:
-                raise TypeError(
-                    f"Lion does not support sparse gradients, got one for {self._param_name(gi, pi)}; "
-                    "use a dense embedding (sparse=False)"
-                )
-            state = state_of[p]
-            exp_avg = state.get("exp_avg")
-            if exp_avg is None:
-                exp_avg = state["exp_avg"] = shards.new_momentum(p, group["momentum_dtype"] or p.dtype)
-            work.params.append(p)
-            work.positions.append(pi)
-            if isinstance(p, DTensor):
-                work.local_params.append(shards.local(p))
-                work.local_grads.append(shards.local_grad(p, self._param_name(gi, pi)))
-                work.local_exp_avgs.append(shards.local(exp_avg))
-            else:
-                work.local_params.append(p)
-                work.local_grads.append(grad)
-                work.local_exp_avgs.append(exp_avg)
-        return work
+        plan = bound.plan
+        counts = [
+            spec.cautious_aligned_count(g, e.exp_avg, hp, spec.math_dtype(e.param.dtype))
+            for g, e in zip(bound.grads, plan.entries, strict=True)
+        ]
+        if plan.nonempty is not None:
+            padded = [torch.zeros((), dtype=torch.int64, device=shards.local(p).device) for p in plan.present]
+            for k, count in zip(plan.nonempty, counts, strict=True):
+                padded[k] = count
+            summed = shards.sum_over_shards(plan.present, padded)
+            counts = [summed[k] for k in plan.nonempty]
+        else:
+            counts = shards.sum_over_shards(plan.present, counts)
+        return [spec.cautious_mean(c, n, hp.cautious_factor) for c, n in zip(counts, plan.entry_numels, strict=True)]
 
-    def _prepare_step(self, closure: Callable[[], float] | None) -> tuple[Any, list[_LocalWork], bool | Tensor | None]:
-        """What every step does before the update: the closure, the batch guard, local tensors, the non-finite
-        policy. Returns (loss, each group's work, the skip decision)."""
+    def _bind(self) -> list[Bound]:
+        split = self._exchanges_directions()
+        return [
+            self._plans.bind(gi, group, self.state, lambda pi, gi=gi: self._param_name(gi, pi), split=split)
+            for gi, group in enumerate(self.param_groups)
+        ]
+
+    @torch.compiler.disable(reason=_NOT_TRACEABLE)
+    @torch.no_grad()
+    def step(self, closure: Callable[[], float] | None = None) -> float | None:  # type: ignore[override]
+        """One Lion step on every local shard; returns the closure's loss.
+
+        `torch.compile` runs it as it is (it is marked `torch.compiler.disable`): see `_NOT_TRACEABLE`.
+        """
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
         self._batch_guard.check((p for group in self.param_groups for p in group["params"]), self._data_parallel_size())
-        works = [self._gather(gi, group) for gi, group in enumerate(self.param_groups)]
-        grads = [g for work in works for g in work.local_grads]
-        where = [(gi, pi) for gi, work in enumerate(works) for pi in work.positions]
-        skip = self._nonfinite.check(grads, lambda i: self._param_name(*where[i]))
-        return loss, works, skip
-
-    def _data_parallel_size(self) -> int | None:
-        """How many ranks see different data, for the batch guard; None: infer it from the params' mesh."""
-        return None
-
-    @staticmethod
-    def _sr_seed(gi: int, group: dict[str, Any]) -> int | None:
-        """This step's stochastic-rounding seed for group `gi` (None: round to nearest)."""
-        if not group["stochastic_rounding"]:
-            return None
-        return ((group["seed"] * _SEED_MIX + gi) * _SEED_MIX + group["step"]) % (1 << 62)
-
-    def _cautious_means(self, work: _LocalWork, hp: LionHyperparams) -> list[Tensor]:
-        """Each tensor's cautious mean over the whole tensor: local counts, summed over shards in one batch."""
-        counts = functional.cautious_aligned_counts(work.local_grads, work.local_exp_avgs, hp)
-        counts = shards.sum_over_shards(work.params, counts)
-        return [
-            functional.cautious_mean(c, p.numel(), hp.cautious_factor) if p.numel() else c.float()
-            for c, p in zip(counts, work.params, strict=True)
-        ]
-
-    @torch.no_grad()
-    def step(self, closure: Callable[[], float] | None = None) -> float | None:  # type: ignore[override]
-        """One Lion step on every local shard; returns the closure's loss."""
-        loss, works, skip = self._prepare_step(closure)
-        if skip is True:
-            return loss
-
-        for gi, (group, work) in enumerate(zip(self.param_groups, works, strict=True)):
-            hp = self._hyperparams(group)
-            means = self._cautious_means(work, hp) if hp.cautious_factor is not None else None
-            tensors = (work.local_params, work.local_grads, work.local_exp_avgs, means)
-            if any(p.numel() == 0 for p in work.local_params):  # empty local shards: nothing to update
-                keep = [i for i, p in enumerate(work.local_params) if p.numel() > 0]
-                tensors = tuple(None if ts is None else [ts[i] for i in keep] for ts in tensors)
-            if tensors[0]:
-                functional.lion(
-                    *tensors[:3],
-                    hp,
-                    backend=group["backend"],
-                    means=tensors[3],
-                    skip=skip if isinstance(skip, Tensor) else None,
-                    sr_seed=self._sr_seed(gi, group),
-                )
-            if hp.lr != 0:
-                group["step"] += 1
+        bound = self._bind()
+        skip = None if self._nonfinite.policy == "ignore" else self._check_nonfinite(bound)
+        hps = [self._hyperparams(group) for group in self.param_groups]
+        for group, b in zip(self.param_groups, bound, strict=True):
+            if group["capturable"] and not isinstance(group["step"], Tensor) and b.plan.entries:
+                group["step"] = torch.tensor(group["step"], dtype=torch.int64, device=b.plan.entries[0].param.device)
+        if skip is not True:
+            self._update(bound, hps, skip if isinstance(skip, Tensor) else None)
+        for group, hp in zip(self.param_groups, hps, strict=True):
+            _count_step(group, hp)
         return loss
+
+    def _check_nonfinite(self, bound: list[Bound]) -> bool | Tensor | None:
+        grads = [g for b in bound for g in b.grads]
+        where = [(gi, pi) for gi, b in enumerate(bound) for pi in b.plan.entry_positions]
+        return self._nonfinite.check(grads, lambda i: self._param_name(*where[i]))
+
+    def _update(self, bound: list[Bound], hps: list[LionHyperparams], skip: Tensor | None) -> None:
+        """The update of every group: fused, or split around `_aggregate` when directions are exchanged."""
+        if not self._exchanges_directions():
+            for gi, (b, hp) in enumerate(zip(bound, hps, strict=True)):
+                means = self._cautious_means(b, hp) if hp.cautious_factor is not None else None
+                b.step(hp, skip=skip, sr_key=self._sr_key(gi, self.param_groups[gi]), means=means)
+            return
+        if skip is not None and bool(skip):  # a device flag read on the host: the exchange syncs anyway
+            return
+        directions = self._aggregate(bound, hps, [b.direction(hp) for b, hp in zip(bound, hps, strict=True)])
+        for gi, (b, hp, u) in enumerate(zip(bound, hps, directions, strict=True)):
+            if u is not None:
+                b.apply(u, hp, self._sr_key(gi, self.param_groups[gi]))
+
+    def _aggregate(
+        self, bound: list[Bound], hps: list[LionHyperparams], directions: list[list[Tensor]]
+    ) -> Sequence[list[Tensor] | None]:
+        """The hook of a split step: each group's local directions in, the directions to apply out (None:
+        leave that group's params as they are)."""
+        return directions
+
+
+def _count_step(group: dict[str, Any], hp: LionHyperparams) -> None:
+    """Count a step taken with lr != 0 (skipped ones too: a device skip flag is never read on the host), on the
+    device for a capturable group."""
+    step = group["step"]
+    if isinstance(step, Tensor):
+        step.add_(hp.lr.ne(0).to(step.dtype) if isinstance(hp.lr, Tensor) else int(hp.lr != 0))
+    elif isinstance(hp.lr, Tensor) or hp.lr != 0:
+        group["step"] = step + 1

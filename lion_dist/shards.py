@@ -17,6 +17,7 @@ tensor the optimizer holds (the mask is the same; only the 1/mean rescaling diff
 
 from __future__ import annotations
 
+import math
 from collections import defaultdict
 from collections.abc import Sequence
 
@@ -24,6 +25,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 from torch.distributed.tensor import DTensor
+from torch.distributed.tensor._dtensor_spec import DTensorSpec, TensorMeta
+from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
 
 def local(tensor: Tensor) -> Tensor:
@@ -63,18 +66,34 @@ def local_grad(param: Tensor, name: str) -> Tensor:
 
 
 def new_momentum(param: Tensor, dtype: torch.dtype) -> Tensor:
-    """Zero momentum for `param`'s local shard, shaped like the param.
+    """Zero momentum for `param`'s local shard, shaped like the param and on the local shard's device.
 
     A DTensor param gets a DTensor momentum on the same mesh and placements, so that
     `get_optimizer_state_dict(..., full_state_dict=True)` gathers the true full momentum and sharded
-    checkpoints reshard it.
+    checkpoints reshard it. It is built around the local zeros directly (as FSDP2 builds its sharded params):
+    `DTensor.from_local` would move a CPU shard (FSDP2's CPUOffloadPolicy) to the mesh's GPU.
     """
     zeros = torch.zeros_like(local(param), dtype=dtype, memory_format=torch.contiguous_format)
     if isinstance(param, DTensor):
-        return DTensor.from_local(
-            zeros, param.device_mesh, param.placements, run_check=False, shape=param.shape, stride=param.stride()
-        )
+        meta = TensorMeta(param.shape, param.stride(), dtype)
+        return DTensor(zeros, DTensorSpec(param.device_mesh, param.placements, tensor_meta=meta), requires_grad=False)
     return zeros
+
+
+def noise_place(param: Tensor) -> tuple[int, int]:
+    """Where `param`'s local elements sit in the whole param, for stochastic rounding: (base, shard).
+
+    A local shard that is one contiguous range of the whole param (FSDP2's `Shard(0)`, HSDP, plain tensors) is
+    (index of its first element, 0), so its noise is the unsharded param's. Any other layout (e.g. tensor
+    parallel `Shard(1)`) gets base 0 and a shard id from its offset, so that its ranks draw different noise.
+    """
+    if not isinstance(param, DTensor) or not param.numel():
+        return 0, 0
+    local_shape, offset = compute_local_shape_and_global_offset(param.shape, param.device_mesh, param.placements)
+    if tuple(local_shape[1:]) == tuple(param.shape[1:]):
+        return offset[0] * math.prod(param.shape[1:]), 0
+    strides = torch.empty(param.shape, device="meta").stride()
+    return 0, 1 + sum(o * s for o, s in zip(offset, strides, strict=True)) % 0x7FFFFFFF
 
 
 def _sharded_dims(param: DTensor) -> tuple[int, ...]:

@@ -17,9 +17,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from lion_dist import Lion, cpu_kernel
-from lion_dist.functional import LionHyperparams, lion_reference, resolve_backend
+from lion_dist import Lion
+from lion_dist.backends import cpu_kernel, resolve_backend
 from lion_dist.nonfinite import nonfinite_mask
+from lion_dist.spec import LionHyperparams, lion_reference
 
 FP32, BF16 = torch.float32, torch.bfloat16
 SIZES = [1, 3, 127, 1025, 40_000, 70_001]  # odd sizes; 110k elements in all, so two threads split a tensor

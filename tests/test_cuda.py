@@ -1,5 +1,7 @@
-"""CUDA only (skipped without a GPU; CI has none): FSDP2 on NCCL with one GPU, stepped by the compiled Triton
-kernel. The same kernel code is tested on CPU through Triton's interpreter in test_triton_kernel.py."""
+"""CUDA only (skipped without a GPU; CI has none): FSDP2 on NCCL with one GPU stepped by the compiled Triton
+kernel, FSDP2's CPUOffloadPolicy on a GPU mesh, and a capturable step captured in a CUDA graph and replayed.
+The same kernel code is tested on CPU through Triton's interpreter in test_triton_kernel.py, and what CPU allows
+of the offload and capture paths in test_gpu_paths.py."""
 
 from __future__ import annotations
 
@@ -65,3 +67,86 @@ def test_fsdp2_nccl_one_gpu_triton_equals_unsharded() -> None:
     for sharded, unsharded, ref in zip(result["params"], plain, reference, strict=True):
         assert torch.equal(sharded, unsharded.detach().cpu())  # same kernel, sharded or not: same bits
         torch.testing.assert_close(sharded, ref.detach().cpu(), rtol=0, atol=1e-6)
+
+
+def test_capturable_step_is_captured_in_a_cuda_graph_and_replayed() -> None:
+    """capturable=True: one warm-up step, then the whole `opt.step()` (stochastic rounding, a device lr that a
+    schedule changes in place) captured once and replayed, equals the same steps taken eagerly, bit for bit."""
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    shapes = [(1000, 33), (4096,), (7,)]
+    start = [torch.randn(s, device="cuda", generator=gen).bfloat16() for s in shapes]
+    grads = [[torch.randn(s, device="cuda", generator=gen) for s in shapes] for _ in range(6)]
+
+    def build(capturable: bool):
+        params = [t.clone().requires_grad_() for t in start]
+        static = [torch.zeros(s, device="cuda") for s in shapes]
+        for p, g in zip(params, static, strict=True):
+            p.grad_dtype = None
+            p.grad = g
+        lr = torch.tensor(1e-3, device="cuda")
+        opt = Lion(
+            params, lr=lr, weight_decay=0.1, stochastic_rounding=True, capturable=capturable, global_batch_size=64
+        )
+        return params, static, lr, opt
+
+    params, static, lr, opt = build(False)
+    for step, gs in enumerate(grads):
+        lr.fill_(1e-3 / (step + 1))
+        for s, g in zip(static, gs, strict=True):
+            s.copy_(g)
+        opt.step()
+    eager = [p.detach().clone() for p in params]
+
+    params, static, lr, opt = build(True)
+    lr.fill_(1e-3)
+    for s, g in zip(static, grads[0], strict=True):
+        s.copy_(g)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        opt.step()  # warm-up: builds the plan, uploads the gradient table, creates the device step count
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        opt.step()
+    for step, gs in enumerate(grads[1:], start=1):
+        lr.fill_(1e-3 / (step + 1))
+        for s, g in zip(static, gs, strict=True):
+            s.copy_(g)
+        graph.replay()
+    torch.cuda.synchronize()
+    assert int(opt.param_groups[0]["step"]) == len(grads)
+    for got, expected in zip(params, eager, strict=True):
+        assert torch.equal(got.detach(), expected)
+
+
+def _fsdp2_cpu_offload_on_nccl(rank: int, world_size: int) -> dict:
+    from torch.distributed.fsdp import CPUOffloadPolicy, fully_shard
+    from torch.distributed.tensor import distribute_tensor
+
+    model = _model()
+    fully_shard(model, offload_policy=CPUOffloadPolicy(pin_memory=True))
+    params = list(model.parameters())
+    opt = Lion(params, lr=1e-3, weight_decay=0.1, global_batch_size=64)
+    for step in range(STEPS):
+        for p, g in zip(params, _grads(params, step), strict=True):
+            p.grad = distribute_tensor(g.cpu(), p.device_mesh, p.placements)
+        opt.step()
+    return {
+        "params": [p.full_tensor().cpu() for p in params],
+        "devices": {t.to_local().device.type for p in params for t in (p, opt.state[p]["exp_avg"])},
+        "mesh": params[0].device_mesh.device_type,
+    }
+
+
+def test_fsdp2_cpu_offload_on_a_gpu_mesh_keeps_momentum_on_the_cpu_shard() -> None:
+    (result,) = spawn(_fsdp2_cpu_offload_on_nccl, 1, backend="nccl")
+    assert result["mesh"] == "cuda" and result["devices"] == {"cpu"}
+    params = [p.detach().cpu().clone().requires_grad_() for p in _model().parameters()]
+    ref = Lion(params, lr=1e-3, weight_decay=0.1, backend="reference", global_batch_size=64)
+    for step in range(STEPS):
+        for p, g in zip(params, _grads(params, step), strict=True):
+            p.grad = g.cpu()
+        ref.step()
+    for got, expected in zip(result["params"], params, strict=True):
+        assert torch.equal(got, expected.detach())

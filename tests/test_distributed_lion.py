@@ -3,7 +3,7 @@
 Every multi-process check runs in one spawn of 4 gloo workers (process startup dominates on 2 cores): 4 replicas
 over the default group, 2 replicas over each of the groups {0, 1} and {2, 3}, 1 replica over a group of one, and
 2 replicas x 2 FSDP2 shards. Results are asserted here, in the parent, against plain-Python majorities and
-`lion_dist.functional.lion_reference`.
+`lion_dist.spec.lion_reference`.
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ from lion_dist.distributed_lion import (
     ring_bytes_sent,
     vote_bytes_sent,
 )
-from lion_dist.functional import LionHyperparams, lion_reference
+from lion_dist.spec import LionHyperparams, lion_reference
 from lion_dist.train.config import GPTConfig
 from lion_dist.train.model import GPT
 from tests.distributed import spawn
@@ -359,6 +359,26 @@ def test_without_process_group_it_is_plain_lion() -> None:
     assert same(ours, params)
     copied = copy.deepcopy(opt)
     assert (copied.aggregate, copied.transport) == ("vote", "auto")
+
+
+def test_deepcopy_with_a_real_process_group_shares_the_group() -> None:
+    """A process group is a connection to the other ranks: a copy uses the same one, everything else is its own."""
+    dist.init_process_group("gloo", rank=0, world_size=1, store=dist.HashStore())
+    try:
+        group = dist.new_group([0])
+        p = torch.randn(6, requires_grad=True)
+        opt = DistributedLion([p], lr=1e-2, process_group=group, batch_size_policy="ignore")
+        p.grad = torch.randn(6)
+        opt.step()
+        copied = copy.deepcopy(opt)
+        assert copied.process_group is group
+        q = copied.param_groups[0]["params"][0]
+        assert q is not p and torch.equal(q, p) and copied.state[q]["exp_avg"] is not opt.state[p]["exp_avg"]
+        q.grad = torch.randn(6)
+        copied.step()
+        assert not torch.equal(q, p)
+    finally:
+        dist.destroy_process_group()
 
 
 def test_pack_and_count_bits() -> None:

@@ -1,10 +1,12 @@
 """Fuzzed inputs: every constructor argument, param group and state dict is either accepted and works, or
-raises a clear ValueError/TypeError/KeyError; never a crash deep inside torch, never a silent bad state."""
+raises a clear ValueError/TypeError/KeyError; never a crash deep inside torch, never a silent bad state.
+
+Deterministic: hypothesis derives its examples from each test (`derandomize=True`) and keeps no database between
+runs, so a green run means the same thing every time and in CI."""
 
 from __future__ import annotations
 
 import copy
-import math
 
 import torch
 from hypothesis import HealthCheck, given, settings
@@ -13,7 +15,9 @@ from hypothesis import strategies as st
 from lion_dist import Lion
 
 CLEAR_ERRORS = (ValueError, TypeError, KeyError)
-FUZZ = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+FUZZ = settings(
+    max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow], derandomize=True, database=None
+)
 
 junk = st.one_of(
     st.none(),
@@ -85,9 +89,8 @@ def test_constructor_arguments(kwargs: dict) -> None:
         step_once(opt, params)
     except CLEAR_ERRORS:
         return  # e.g. batch_size_policy="error" with a small declared batch
-    group = opt.param_groups[0]
-    lr, wd = group["lr"], group["weight_decay"]
-    if isinstance(lr, float) and lr * wd < 1e3:
+    lr = opt.param_groups[0]["lr"]
+    if float(lr) < 1e3:  # lr x weight_decay >= 1 is refused, so decay never overflows
         assert all(torch.isfinite(p).all() for p in params)
     assert all(set(s) == {"exp_avg"} for s in opt.state.values())
 
@@ -106,8 +109,7 @@ def test_param_groups(group: dict) -> None:
         return
     assert len(opt.param_groups) == 2
     step_once(opt, [extra])
-    lr = opt.param_groups[1]["lr"]
-    if math.isfinite(float(lr)) and float(lr) < 1e3:
+    if float(opt.param_groups[1]["lr"]) < 1e3:  # lr x weight_decay >= 1 is refused, so decay never overflows
         assert torch.isfinite(extra).all()
 
 

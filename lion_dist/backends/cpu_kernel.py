@@ -8,12 +8,12 @@ cached under `$LION_DIST_CACHE` (default `$XDG_CACHE_HOME/lion_dist`, i.e. `~/.c
 the source, the compiler, the CPU and the OpenMP runtime; a build writes a temporary file and renames it into
 place, so processes building at the same time never load a half-written library.
 
-Results equal `functional.lion_reference` bit for bit (fp32 math, same roundings); bf16 params get stochastic
-rounding when a seed is given, from a counter-based RNG (reproducible for any thread count, unbiased, but not
-the same draws as the reference's torch.Generator). Params, grads and momentum may each be fp32 or bf16;
-tensors with any other dtype (fp16, fp64) go to `functional.lion_foreach`. Non-contiguous tensors are copied
-to contiguous ones and back. Threads: `torch.get_num_threads()` of torch's own OpenMP pool (the library links
-to the OpenMP runtime torch loaded, see `openmp_runtime()`), else as many pthreads.
+Results equal `spec.lion_reference` bit for bit (same math dtype, same roundings), stochastic rounding of bf16
+params included (the spec's Philox noise, reproducible for any thread count). Params, grads and momentum may
+each be fp32, bf16 or fp16 (fp32 math), or all three fp64 (fp64 math); the backend declaration in
+`lion_dist.backends` sends every other combination, and non-contiguous params or momenta, to another backend.
+Threads: `torch.get_num_threads()` of torch's own OpenMP pool (the library links to the OpenMP runtime torch
+loaded, see `openmp_runtime()`), else as many pthreads.
 
 `LION_DIST_CPU_KERNEL=0` turns the kernel off (backend="auto" then uses foreach on CPU).
 """
@@ -42,21 +42,22 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from lion_dist.functional import LionHyperparams, lion_foreach, stochastic_rounding_generator
+from lion_dist.backends import FUSED_TRIPLES, Backend, Entry, refuse_overlaps
+from lion_dist.spec import DeviceKey, LionHyperparams, key_value
 
 SOURCE = Path(__file__).with_name("_cpu_kernel.c")
-ABI_VERSION = 4
+ABI_VERSION = 5
 # -ffp-contract=off: no fma the reference does not have; -funroll-loops: more loads in flight, a faster step.
 _FLAGS = ("-O3", "-funroll-loops", "-ffp-contract=off", "-fno-math-errno", "-fPIC", "-shared", "-pthread")
 _NATIVE = ("-march=native",)
-_BF16_BIT = {torch.float32: 0, torch.bfloat16: 1}
-# dtype code of a (param, grad, momentum) triple: bit 0 param bf16, bit 1 grad bf16, bit 2 momentum bf16.
+_BF16_BIT = {torch.float32: 0, torch.bfloat16: 1}  # the non-finite check's dtype codes
+_DTYPE_CODE = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2, torch.float64: 3}
+# dtype code of a (param, grad, momentum) triple, two bits each: param | grad << 2 | momentum << 4
 _CODES = {
-    (p, g, m): _BF16_BIT[p] | _BF16_BIT[g] << 1 | _BF16_BIT[m] << 2
-    for p in _BF16_BIT
-    for g in _BF16_BIT
-    for m in _BF16_BIT
+    triple: _DTYPE_CODE[triple[0]] | _DTYPE_CODE[triple[1]] << 2 | _DTYPE_CODE[triple[2]] << 4
+    for triple in FUSED_TRIPLES
 }
+_MASK32 = 0xFFFFFFFF
 
 
 class CpuKernelUnavailableError(RuntimeError):
@@ -187,11 +188,15 @@ def _load(path: Path) -> ctypes.CDLL:
     lib = ctypes.CDLL(str(path))
     if lib.lion_abi_version() != ABI_VERSION:
         raise CpuKernelUnavailableError(f"{path} has ABI {lib.lion_abi_version()}, expected {ABI_VERSION}")
-    vp, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
-    lib.lion_step.argtypes = [i64, vp, vp, vp, vp, vp, vp, i32, ctypes.c_uint64, i32, vp]
+    vp, i64, i32, u32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_uint32
+    lib.lion_step.argtypes = [i64, vp, vp, vp, vp, vp, vp, vp, u32, u32, i32]
     lib.lion_step.restype = None
+    lib.lion_supports.argtypes = [i32]
     lib.lion_nonfinite.argtypes = [i64, vp, vp, vp, vp, i32, vp]
     lib.lion_nonfinite.restype = None
+    missing = [triple for triple, code in _CODES.items() if not lib.lion_supports(code)]
+    if missing:
+        raise CpuKernelUnavailableError(f"{path} has no loop for dtype triples {missing}")
     return lib
 
 
@@ -256,67 +261,84 @@ def _address(a: array) -> int:
 
 _dtype = attrgetter("dtype")
 _is_cpu = attrgetter("is_cpu")
+_data_ptr = Tensor.data_ptr
 
 
 @dataclass
-class _Table:
-    """What the kernel reads: per tensor three pointers, the element count and the dtype code."""
+class _Prepared:
+    """The static table of one plan: what the kernel reads besides the gradients' addresses."""
 
     p_ptrs: array
-    g_ptrs: array
     m_ptrs: array
-    numels: array
+    offsets: array  # n + 1 prefix sums of the element counts
     codes: array
-    write_back: list[tuple[Tensor, Tensor]]  # (original, contiguous copy the kernel updated)
-    keep_alive: list[Tensor]  # contiguous copies of non-contiguous grads
-    others: list[int]  # tensors with dtypes the kernel does not take
+    streams: array  # per tensor: param id, base, shard (stochastic rounding)
 
 
-def _uniform_table(params: Sequence[Tensor], grads: Sequence[Tensor], exp_avgs: Sequence[Tensor]) -> _Table | None:
-    """The table of the common case, built with C-level loops (map): one dtype triple, contiguous CPU tensors."""
-    lists = (params, grads, exp_avgs)
-    if not (len(params) == len(grads) == len(exp_avgs)):
-        return None
-    dtypes = [set(map(_dtype, ts)) for ts in lists]
-    if any(len(d) != 1 for d in dtypes):
-        return None
-    code = _CODES.get(tuple(d.pop() for d in dtypes))
-    if code is None or not all(all(map(_is_cpu, ts)) and all(map(Tensor.is_contiguous, ts)) for ts in lists):
-        return None
-    numels = array("q", map(Tensor.numel, params))
-    if array("q", map(Tensor.numel, grads)) != numels or array("q", map(Tensor.numel, exp_avgs)) != numels:
-        return None
-    p_ptrs, g_ptrs, m_ptrs = (array("q", map(Tensor.data_ptr, ts)) for ts in lists)
-    return _Table(p_ptrs, g_ptrs, m_ptrs, numels, array("B", [code]) * len(params), [], [], [])
+class CpuFusedBackend(Backend):
+    name = "cpu_fused"
+
+    def prepare(self, entries: Sequence[Entry]) -> _Prepared:
+        """Check and tabulate contiguous CPU tensors with a dtype triple the kernel has (the declaration's)."""
+        _require()
+        refuse_overlaps([(e.param, e.exp_avg) for e in entries])  # threads would race on shared memory
+        table = _Prepared(array("q"), array("q"), array("q", [0]), array("B"), array("q"))
+        for i, e in enumerate(entries):
+            p, m = e.param, e.exp_avg
+            code = _CODES.get((p.dtype, e.grad_dtype, m.dtype))
+            if code is None or not (p.is_cpu and m.is_cpu and p.is_contiguous() and m.is_contiguous()):
+                raise ValueError(
+                    f"lion_cpu_fused takes contiguous CPU tensors with a (param, grad, momentum) dtype triple of "
+                    f"fp32/bf16/fp16 or all fp64, got tensor {i}: param {tuple(p.shape)} {p.dtype} on {p.device} "
+                    f"(contiguous: {p.is_contiguous()}), grad {e.grad_dtype}, momentum {tuple(m.shape)} {m.dtype} "
+                    f"on {m.device} (contiguous: {m.is_contiguous()})"
+                )
+            if m.numel() != p.numel():
+                raise ValueError(f"lion_cpu_fused: tensor {i} has {p.numel()} elements, its momentum {m.numel()}")
+            table.p_ptrs.append(p.data_ptr())
+            table.m_ptrs.append(m.data_ptr())
+            table.offsets.append(table.offsets[-1] + p.numel())
+            table.codes.append(code)
+            table.streams.extend((e.param_id, e.base, e.shard))
+        return table
+
+    def step(
+        self,
+        prepared: _Prepared,
+        grads: Sequence[Tensor],
+        hp: LionHyperparams,
+        *,
+        skip: Tensor | None = None,
+        sr_key: int | DeviceKey | None = None,
+        means: Sequence[Tensor] | None = None,
+    ) -> None:
+        """One call for all tensors; `grads` must be contiguous CPU tensors of the prepared dtypes and sizes."""
+        if skip is not None and bool(skip):
+            return
+        n = len(prepared.codes)
+        if not n:
+            return
+        g_ptrs = array("q", map(_data_ptr, grads))
+        sign = -1.0 if hp.maximize else 1.0  # maximize: fma(-g, b, x) == fma(g, -b, x) exactly
+        decay = hp.decay if hp.weight_decay != 0 else 1.0
+        values = array("d", [hp.beta1, sign * (1 - hp.beta1), hp.beta2, sign * (1 - hp.beta2), -hp.lr_value, decay])
+        key = key_value(sr_key) or 0
+        _require().lion_step(
+            n,
+            _address(prepared.p_ptrs),
+            _address(g_ptrs),
+            _address(prepared.m_ptrs),
+            _address(prepared.offsets),
+            _address(prepared.codes),
+            _address(values),
+            None if sr_key is None else _address(prepared.streams),
+            key & _MASK32,
+            (key >> 32) & _MASK32,
+            torch.get_num_threads(),
+        )
 
 
-def _general_table(params: Sequence[Tensor], grads: Sequence[Tensor], exp_avgs: Sequence[Tensor]) -> _Table:
-    """The table for anything else: mixed dtypes, non-contiguous tensors (copied), unsupported dtypes (set aside)."""
-    table = _Table(array("q"), array("q"), array("q"), array("q"), array("B"), [], [], [])
-    for i, (p, g, m) in enumerate(zip(params, grads, exp_avgs, strict=True)):
-        n = p.numel()
-        if not (p.is_cpu and g.is_cpu and m.is_cpu) or g.numel() != n or m.numel() != n:
-            raise ValueError(
-                f"lion_cpu_fused needs CPU tensors with equal numbers of elements, got tensor {i}: param "
-                f"{tuple(p.shape)} {p.dtype} on {p.device}, grad {tuple(g.shape)} {g.dtype} on {g.device}, "
-                f"momentum {tuple(m.shape)} {m.dtype} on {m.device}"
-            )
-        code = _CODES.get((p.dtype, g.dtype, m.dtype))
-        if code is None:
-            table.others.append(i)
-            continue
-        if not p.is_contiguous():
-            table.write_back.append((p, p := p.contiguous()))
-        if not m.is_contiguous():
-            table.write_back.append((m, m := m.contiguous()))
-        if not g.is_contiguous():
-            table.keep_alive.append(g := g.contiguous())
-        table.p_ptrs.append(p.data_ptr())
-        table.g_ptrs.append(g.data_ptr())
-        table.m_ptrs.append(m.data_ptr())
-        table.numels.append(n)
-        table.codes.append(code)
-    return table
+BACKEND = CpuFusedBackend()
 
 
 def lion_cpu_fused(
@@ -327,43 +349,29 @@ def lion_cpu_fused(
     *,
     sr_seed: int | None = None,
 ) -> None:
-    """One Lion step, in place, on local CPU tensors: one pass over each element, one call for all tensors.
+    """One Lion step, in place, on local CPU tensors of any layout: one pass over each element, one call.
 
-    `sr_seed`: stochastic rounding of bf16 params, a function of (seed, position in the list, element).
-    Triples with a dtype other than fp32/bf16 are updated by `functional.lion_foreach`.
+    The one-shot form of `BACKEND` (no plan): non-contiguous tensors go through contiguous copies.
+    `sr_seed`: stochastic rounding of bf16 params, with tensor i as param id i.
     """
-    if hp.cautious_factor is not None or hp.cautious_wd:
+    if hp.cautious:
         raise ValueError("the fused CPU kernel does plain Lion only; cautious Lion runs on backend='foreach'")
-    lib = _require()
-    table = _uniform_table(params, grads, exp_avgs) or _general_table(params, grads, exp_avgs)
-    if table.numels:
-        offsets = array("q", bytes(8 * (len(table.numels) + 1)))  # scratch; named, so alive during the call
-        sign = -1.0 if hp.maximize else 1.0  # maximize: fma(-g, b, x) == fma(g, -b, x) exactly
-        decay = hp.decay if hp.weight_decay != 0 else 1.0
-        hp_values = array("f", [hp.beta1, sign * (1 - hp.beta1), hp.beta2, sign * (1 - hp.beta2), -hp.lr, decay])
-        lib.lion_step(
-            len(table.numels),
-            _address(table.p_ptrs),
-            _address(table.g_ptrs),
-            _address(table.m_ptrs),
-            _address(table.numels),
-            _address(table.codes),
-            _address(hp_values),
-            int(sr_seed is not None),
-            (sr_seed or 0) % (1 << 64),
-            torch.get_num_threads(),
-            _address(offsets),
-        )
-        for dst, src in table.write_back:
-            dst.copy_(src)
-    if table.others:
-        lion_foreach(
-            [params[i] for i in table.others],
-            [grads[i] for i in table.others],
-            [exp_avgs[i] for i in table.others],
-            hp,
-            sr_generator=None if sr_seed is None else stochastic_rounding_generator(sr_seed, torch.device("cpu")),
-        )
+    if not len(params) == len(grads) == len(exp_avgs):
+        raise ValueError(f"got {len(params)} params, {len(grads)} grads and {len(exp_avgs)} momenta")
+    for i, (p, g, m) in enumerate(zip(params, grads, exp_avgs, strict=True)):
+        if not (p.is_cpu and g.is_cpu and m.is_cpu) or g.numel() != p.numel() or m.numel() != p.numel():
+            raise ValueError(
+                f"lion_cpu_fused needs CPU tensors with equal numbers of elements, got tensor {i}: param "
+                f"{tuple(p.shape)} {p.dtype} on {p.device}, grad {tuple(g.shape)} {g.dtype} on {g.device}, "
+                f"momentum {tuple(m.shape)} {m.dtype} on {m.device}"
+            )
+    contiguous = [[t.contiguous() for t in ts] for ts in (params, grads, exp_avgs)]
+    entries = [Entry(p, m, g.dtype, i) for i, (p, g, m) in enumerate(zip(*contiguous, strict=True)) if p.numel()]
+    BACKEND.step(BACKEND.prepare(entries), [g for g in contiguous[1] if g.numel()], hp, sr_key=sr_seed)
+    for originals, copies in ((params, contiguous[0]), (exp_avgs, contiguous[2])):
+        for original, copy in zip(originals, copies, strict=True):
+            if copy is not original:
+                original.copy_(copy)
 
 
 def nonfinite_flags(tensors: Sequence[Tensor]) -> Tensor | None:
