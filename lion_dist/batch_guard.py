@@ -13,12 +13,18 @@ from collections.abc import Iterable
 
 import torch
 import torch.distributed as dist
+from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor
 
 POLICIES = ("warn", "error", "ignore")
 
-# Mesh dims with these names split the model, not the batch; every other dim of a param's mesh is data parallel.
-_MODEL_PARALLEL_DIM_PREFIXES = ("tp", "tensor", "cp", "context", "pp", "pipe", "ep", "expert")
+# What a mesh dim splits, read from the "_"-separated words of its name. The names torchtitan and Accelerate give
+# (dp_replicate, dp_shard, dp_shard_cp, dp_cp, cp, tp, pp) and plain FSDP2/HSDP's (replicate, shard) are known.
+_DATA_WORDS = frozenset({"dp", "ddp", "fsdp", "hsdp", "replicate", "shard", "data", "batch"})
+# Ranks along a context-parallel dim split one sequence: they see the same samples.
+_CONTEXT_WORDS = frozenset({"cp", "sp", "context", "sequence"})
+# A dim whose first word starts like this (and that has no data word) splits the model, not the batch.
+_MODEL_PREFIXES = ("tp", "tensor", "cp", "context", "sp", "seq", "pp", "pipe", "ep", "etp", "expert", "mp", "model")
 
 _warned_this_process: set[str] = set()
 
@@ -31,19 +37,89 @@ def _rank() -> int:
     return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
 
 
+def _words(name: str) -> list[str]:
+    return [w for w in name.lower().split("_") if w and w != "parallel"]
+
+
+def _dim_kind(name: str) -> str:
+    """One of "data", "model", "data_cp" (data parallel flattened with context parallel, like torchtitan's
+    dp_shard_cp and dp_cp) or "unknown"."""
+    words = _words(name)
+    if not words:
+        return "unknown"
+    if all(w in _DATA_WORDS for w in words):
+        return "data"
+    if any(w in _DATA_WORDS for w in words):
+        return "data_cp" if all(w in _DATA_WORDS or w in _CONTEXT_WORDS for w in words) else "unknown"
+    return "model" if words[0].startswith(_MODEL_PREFIXES) else "unknown"
+
+
+def _context_size(mesh: DeviceMesh, name: str) -> int | None:
+    """The context-parallel part of `mesh`'s flattened dim `name` (e.g. dp_shard_cp = dp_shard x cp), read from
+    the root mesh it was sliced from (torchtitan and Accelerate build one with a dim per parallelism, dropping
+    the dims of size 1); None where there is no such root (one without data- or context-parallel dims, like a
+    1-D world mesh unflattened into several meshes, does not say)."""
+    root = mesh._get_root_mesh() if hasattr(mesh, "_get_root_mesh") else mesh
+    contexts = {dim: set(_words(n)) for dim, n in enumerate(root.mesh_dim_names or ()) if _is_context(n)}
+    if root is mesh or not (contexts or any(_dim_kind(n) == "data" for n in root.mesh_dim_names or ())):
+        return None
+    folded = set(_words(name)) & _CONTEXT_WORDS
+    return math.prod(root.size(dim) for dim, words in contexts.items() if words <= folded)
+
+
+def _is_context(name: str) -> bool:
+    return bool(_words(name)) and set(_words(name)) <= _CONTEXT_WORDS
+
+
+def _mesh_data_parallel_size(mesh: DeviceMesh) -> int:
+    """How many different batches the ranks of `mesh` see: the product of its data-parallel dims, a flattened
+    data x context dim divided by its context part, model-parallel dims left out. Unnamed dims are data
+    parallel (FSDP2's own 1-D and HSDP 2-D meshes); a dim this cannot read counts as data parallel, with one
+    warning per process asking for global_batch_size."""
+    names = mesh.mesh_dim_names
+    if not names:
+        return mesh.size()
+    size, doubts = 1, []
+    for dim, name in enumerate(names):
+        n, kind = mesh.size(dim), _dim_kind(name)
+        if kind == "model":
+            continue
+        if kind == "data_cp":
+            cp = _context_size(mesh, name)
+            if cp is not None and n % cp == 0:
+                size *= n // cp
+                continue
+            doubts.append(
+                f"{name!r} folds context parallelism into data parallelism, but the mesh it was sliced "
+                "from does not say by how much"
+            )
+        elif kind == "unknown":
+            doubts.append(
+                f"{name!r} is not a data-parallel (dp, dp_replicate, dp_shard, replicate, shard, fsdp) or "
+                "model-parallel (tp, cp, pp, ep) name"
+            )
+        size *= n
+    if doubts:
+        shape = ", ".join(f"{name}={mesh.size(dim)}" for dim, name in enumerate(names))
+        BatchGuard._warn_once(
+            "mesh",
+            f"lion_dist.Lion cannot tell the data-parallel size from the params' device mesh ({shape}): "
+            + "; ".join(doubts)
+            + f". It counted those dims as data parallel (data-parallel size {size}), so its batch-size check may "
+            "be wrong. Pass global_batch_size=N (micro batch x gradient accumulation x ranks that see different "
+            "data) to Lion(...), or batch_size_policy='ignore'.",
+            stacklevel=6,
+        )
+    return size
+
+
 def infer_data_parallel_size(params: Iterable[torch.Tensor] = ()) -> int:
-    """How many ranks see different data: the first DTensor param's mesh (HSDP: replicate x shard), with
-    dims named like a model-parallel dim (tp, cp, pp, ep, ...) left out; else the default process group."""
+    """How many ranks see different data: from the first DTensor param's mesh (HSDP: replicate x shard;
+    torchtitan: dp_replicate x dp_shard, leaving out cp, tp, pp and the cp part of dp_shard_cp), else the
+    default process group's size (1 without torch.distributed)."""
     for p in params:
         if isinstance(p, DTensor):
-            mesh = p.device_mesh
-            names = mesh.mesh_dim_names or ()
-            sizes = [
-                mesh.size(dim)
-                for dim in range(mesh.ndim)
-                if not (dim < len(names) and names[dim].lower().startswith(_MODEL_PARALLEL_DIM_PREFIXES))
-            ]
-            return math.prod(sizes)
+            return _mesh_data_parallel_size(p.device_mesh)
     if dist.is_available() and dist.is_initialized():
         return dist.get_world_size()
     return 1
@@ -136,8 +212,8 @@ class BatchGuard:
         self._warn_once("small", message)
 
     @staticmethod
-    def _warn_once(kind: str, message: str) -> None:
+    def _warn_once(kind: str, message: str, stacklevel: int = 4) -> None:
         if kind in _warned_this_process or _rank() != 0:
             return
         _warned_this_process.add(kind)
-        warnings.warn(message, SmallBatchWarning, stacklevel=4)
+        warnings.warn(message, SmallBatchWarning, stacklevel=stacklevel)

@@ -8,14 +8,16 @@ under optimizer offload) and looks any other name up as an attribute of `torch.o
   a copy of the config what DeepSpeed needs for a client optimizer under ZeRO (`zero_allow_untested_optimizer`,
   `zero_force_ds_cpu_optimizer: false`), and gives the batch guard DeepSpeed's `train_batch_size`. Any other
   optimizer type, DeepSpeed's own `"Lion"` included, goes to `deepspeed.initialize` untouched.
-- `register()`, for code that must call `deepspeed.initialize` itself: it adds `torch.optim.LionDist` (a new
-  name; nothing of torch or DeepSpeed is replaced), which DeepSpeed's documented lookup then finds. That path
-  cannot see `train_batch_size` and DeepSpeed still asks for `"zero_allow_untested_optimizer": true` under
-  ZeRO, so `initialize` is the recommended one.
+- `register()`, for code that cannot call it: the Hugging Face Trainer and Accelerate call
+  `deepspeed.initialize` themselves. It adds `torch.optim.LionDist` (the `LionDist` factory below; a new name,
+  nothing of torch is replaced), which DeepSpeed's documented lookup then calls, and adds `lion_dist.Lion` to
+  DeepSpeed's own list of ZeRO-tested optimizers, so no `"zero_allow_untested_optimizer"` is needed. The factory
+  checks and converts `"params"` as `initialize` does and gives the guard the calling engine's
+  `train_batch_size`.
 - `to_universal(...)`: a ZeRO 1/2 checkpoint of Lion in DeepSpeed's universal format, to resume at another
   data-parallel world size (DeepSpeed's own `ds_to_universal` knows only Adam's state).
 
-`deepspeed` is imported only inside `initialize` and `to_universal`: `lion_dist` works without it.
+`deepspeed` is imported only inside `initialize`, `register` and `to_universal`: `lion_dist` works without it.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ import json
 import os
 import re
 import shutil
+import sys
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -95,18 +98,33 @@ def lion_kwargs(config: Mapping[str, Any]) -> dict[str, Any] | None:
     unknown = sorted(set(section) - {"type", "params"})
     if unknown:
         raise ValueError(f'DeepSpeed config "optimizer" has unknown key {unknown[0]!r}; it takes "type" and "params"')
-    params = section.get("params", {})
+    return _lion_params(section.get("params", {}), batch_keys=False)
+
+
+_NO_EPS = (
+    'DeepSpeed config "optimizer.params" has "eps": Lion has no epsilon (it takes the sign of the update), so '
+    'remove "eps" (Hugging Face\'s AdamW template has "eps": "auto")'
+)
+
+
+def _lion_params(params: Any, *, batch_keys: bool) -> dict[str, Any]:
+    """`lion_dist.Lion`'s keyword arguments from a "LionDist" config's "params", checked and converted
+    (`momentum_dtype` from a string, `betas` from a list). `batch_keys`: whether `global_batch_size`,
+    `micro_batch_size` and `grad_accum_steps` may be given (the `register()` path; `initialize` reads the batch
+    from DeepSpeed)."""
     if not isinstance(params, Mapping):
         raise ValueError(f'DeepSpeed config "optimizer.params" must be an object of Lion arguments, got {params!r:.80}')
-    allowed = [k for k in _lion_keywords() if k not in _BATCH_KEYS]
+    allowed = [k for k in _lion_keywords() if batch_keys or k not in _BATCH_KEYS]
     kwargs = dict(params)
     for key in kwargs:
-        if key in _BATCH_KEYS:
+        if key in _BATCH_KEYS and not batch_keys:
             raise ValueError(
                 f'DeepSpeed config "optimizer.params" has {key!r}: DeepSpeed owns the batch, so set '
                 f'"{_BATCH_KEYS[key]}" at the top level of the config instead (lion_dist feeds DeepSpeed\'s '
                 "train_batch_size to the batch guard)"
             )
+        if key == "eps":
+            raise ValueError(_NO_EPS)
         if key not in allowed:
             hint = difflib.get_close_matches(key, allowed, n=1)
             raise ValueError(
@@ -145,6 +163,26 @@ def _flattens_params(config: Mapping[str, Any]) -> bool:
 
 def _offloads_optimizer(config: Mapping[str, Any]) -> bool:
     return _section(config, "zero_optimization", "offload_optimizer").get("device", "none") not in (None, "none")
+
+
+_NO_CAUTIOUS_UNDER_ZERO = (
+    'DeepSpeed config "optimizer.params.cautious_factor": cautious Lion rescales by a mean over each whole '
+    "tensor, but under ZeRO (stage >= 1) or fp16/bf16 DeepSpeed hands the optimizer flat buffers of many "
+    "tensors, so the mean would be wrong. Remove cautious_factor, or use FSDP2 for cautious Lion."
+)
+
+
+def _engine_guard(engine: Any, guard_args: Mapping[str, Any]) -> BatchGuard:
+    """A batch guard that knows `engine`'s train_batch_size, and says where the number came from."""
+    return BatchGuard(
+        global_batch_size=engine.train_batch_size(),
+        source=(
+            f"DeepSpeed train_batch_size = micro batch {engine.train_micro_batch_size_per_gpu()} x "
+            f"gradient_accumulation_steps {engine.gradient_accumulation_steps()} x data-parallel size "
+            f"{engine.dp_world_size}"
+        ),
+        **guard_args,
+    )
 
 
 def initialize(
@@ -195,11 +233,7 @@ def initialize(
             "DeepSpeed would silently drop the config's, so pass one of them"
         )
     if lion_args.get("cautious_factor") is not None and _flattens_params(ds_config):
-        raise ValueError(
-            'DeepSpeed config "optimizer.params.cautious_factor": cautious Lion rescales by a mean over each whole '
-            "tensor, but under ZeRO (stage >= 1) or fp16/bf16 DeepSpeed hands the optimizer flat buffers of many "
-            "tensors, so the mean would be wrong. Remove cautious_factor, or use FSDP2 for cautious Lion."
-        )
+        raise ValueError(_NO_CAUTIOUS_UNDER_ZERO)
     guard_args = {name: lion_args.pop(key) for key, name in _GUARD_KEYS.items() if key in lion_args}
     del ds_config["optimizer"]
     ds_config["zero_allow_untested_optimizer"] = True
@@ -214,34 +248,79 @@ def initialize(
     import deepspeed  # only now, after the checks above: it takes seconds
 
     engine, ds_optimizer, dataloader, scheduler = deepspeed.initialize(**passthrough, config=ds_config)
-    guard = BatchGuard(
-        global_batch_size=engine.train_batch_size(),
-        source=(
-            f"DeepSpeed train_batch_size = micro batch {engine.train_micro_batch_size_per_gpu()} x "
-            f"gradient_accumulation_steps {engine.gradient_accumulation_steps()} x data-parallel size "
-            f"{engine.dp_world_size}"
-        ),
-        **guard_args,
-    )
+    guard = _engine_guard(engine, guard_args)
     engine.basic_optimizer._batch_guard = guard
     guard.check(())
     return engine, ds_optimizer, dataloader, scheduler
 
 
-def register() -> None:
-    """Let a plain `deepspeed.initialize` build `lion_dist.Lion` from `"type": "LionDist"`.
+def _calling_engine() -> Any | None:
+    """The DeepSpeed engine building this optimizer from its config, or None.
 
-    DeepSpeed looks an optimizer type it does not know up as an attribute of `torch.optim` (case-sensitive);
-    this adds `torch.optim.LionDist = lion_dist.Lion`. Under ZeRO, DeepSpeed then also wants
-    `"zero_allow_untested_optimizer": true`, and the batch guard learns the batch only from
-    `"global_batch_size"` in `params`. Idempotent; refuses to shadow a different `torch.optim.LionDist`.
+    DeepSpeed calls `torch.optim.<type>(params, **config params)` from `DeepSpeedEngine._configure_basic_optimizer`,
+    after it has worked out its batch; the engine is that method's `self`, a few frames up. This only reads
+    (nothing of DeepSpeed is changed); if DeepSpeed ever calls from elsewhere, the guard falls back to saying it
+    does not know the batch.
+    """
+    engine_module = sys.modules.get("deepspeed.runtime.engine")
+    if engine_module is None:
+        return None
+    frame = sys._getframe(2)
+    for _ in range(6):
+        if frame is None:
+            return None
+        candidate = frame.f_locals.get("self")
+        if isinstance(candidate, engine_module.DeepSpeedEngine):
+            return candidate
+        frame = frame.f_back
+    return None
+
+
+def LionDist(params: Any, **config_params: Any) -> Lion:
+    """`lion_dist.Lion` from a DeepSpeed config's `"optimizer": {"type": "LionDist", "params": {...}}`.
+
+    `register()` makes this `torch.optim.LionDist`, which a plain `deepspeed.initialize` (the Hugging Face
+    Trainer's and Accelerate's included) calls as `torch.optim.LionDist(params, **config_params)`. The params are
+    checked and converted as `initialize` does (with clear errors for unknown keys, `"eps"`, a `momentum_dtype`
+    string); the batch guard gets the calling engine's `train_batch_size` unless `global_batch_size` or
+    `micro_batch_size` is given here.
+    """
+    kwargs = _lion_params(config_params, batch_keys=True)
+    engine = _calling_engine()
+    if engine is None or "global_batch_size" in kwargs or "micro_batch_size" in kwargs:
+        return Lion(params, **kwargs)
+    flat = engine.zero_optimization_stage() >= 1 or engine.fp16_enabled() or engine.bfloat16_enabled()
+    if kwargs.get("cautious_factor") is not None and flat:
+        raise ValueError(_NO_CAUTIOUS_UNDER_ZERO)
+    guard_args = {name: kwargs.pop(key) for key, name in _GUARD_KEYS.items() if key in kwargs}
+    optimizer = Lion(params, **kwargs, batch_size_policy="ignore")
+    optimizer._batch_guard = _engine_guard(engine, guard_args)
+    return optimizer
+
+
+def register() -> None:
+    """Let a plain `deepspeed.initialize` build `lion_dist.Lion` from `"type": "LionDist"`: one line, before the
+    Hugging Face Trainer (or Accelerate) starts DeepSpeed.
+
+    Adds `torch.optim.LionDist` (the `LionDist` factory), which DeepSpeed looks up by name, and appends
+    `lion_dist.Lion` to DeepSpeed's `deepspeed.runtime.zero.utils.ZERO_SUPPORTED_OPTIMIZERS`, the list DeepSpeed
+    checks before it asks for `"zero_allow_untested_optimizer": true` (DeepSpeed appends to it itself, for apex's
+    FusedAdam and Muon; the tests run Lion under every ZeRO stage against the unsharded step). Nothing else of
+    DeepSpeed or torch is changed. Idempotent; refuses to shadow a different `torch.optim.LionDist`.
     """
     existing = getattr(torch.optim, OPTIMIZER_TYPE, None)
-    if existing is not None and existing is not Lion:
-        raise RuntimeError(
-            f"torch.optim.{OPTIMIZER_TYPE} is already {existing!r}; not replacing it with lion_dist.Lion"
-        )
-    setattr(torch.optim, OPTIMIZER_TYPE, Lion)
+    if existing is not None and existing not in (LionDist, Lion):  # Lion: what an older register() added
+        raise RuntimeError(f"torch.optim.{OPTIMIZER_TYPE} is already {existing!r}; not replacing it with lion_dist's")
+    try:
+        from deepspeed.runtime.zero import utils as zero_utils
+    except ImportError as e:
+        raise ImportError(
+            "lion_dist.deepspeed.register() is for DeepSpeed, which is not installed: "
+            "pip install 'lion-dist[deepspeed]'"
+        ) from e
+    setattr(torch.optim, OPTIMIZER_TYPE, LionDist)
+    if Lion not in zero_utils.ZERO_SUPPORTED_OPTIMIZERS:
+        zero_utils.ZERO_SUPPORTED_OPTIMIZERS.append(Lion)
 
 
 _OPTIM_FILE = re.compile(r"zero_pp_rank_(\d+)_mp_rank_(\d+)_optim_states\.pt$")

@@ -3,7 +3,8 @@
 Config checks run in-process with a stand-in `deepspeed` module (they must fail before DeepSpeed's slow
 start). One 2-rank run trains every launch/ds_*.json config (ZeRO 1, 2, 3, 3 + optimizer offload), stage 0,
 ZeRO-3 with many sub-groups, and the `register()` path a few steps each, and checks the batch guard's
-DeepSpeed arithmetic; the params must equal `lion_dist.Lion`'s given the same grads.
+DeepSpeed arithmetic (also on the `register()` path, where the guard reads the engine that builds Lion); the params
+must equal `lion_dist.Lion`'s given the same grads.
 """
 
 from __future__ import annotations
@@ -160,14 +161,63 @@ def test_initialize_gives_deepspeed_a_lion_callable_and_an_amended_copy(fake_dee
     assert (built.defaults["lr"], built.defaults["weight_decay"]) == (0.02, 0.5)
 
 
-def test_register_adds_torch_optim_liondist(monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.fixture
+def zero_utils(monkeypatch: pytest.MonkeyPatch) -> types.ModuleType:
+    """A stand-in for `deepspeed.runtime.zero.utils` and its list of ZeRO-tested optimizers."""
+    utils = types.ModuleType("deepspeed.runtime.zero.utils")
+    utils.ZERO_SUPPORTED_OPTIMIZERS = [torch.optim.Adam]
+    for name in ("deepspeed", "deepspeed.runtime", "deepspeed.runtime.zero"):
+        monkeypatch.setitem(sys.modules, name, types.ModuleType(name))
+    monkeypatch.setattr(sys.modules["deepspeed.runtime.zero"], "utils", utils, raising=False)
+    monkeypatch.setitem(sys.modules, "deepspeed.runtime.zero.utils", utils)
+    return utils
+
+
+def test_register_adds_torch_optim_liondist_and_lists_lion_as_zero_tested(
+    monkeypatch: pytest.MonkeyPatch, zero_utils: types.ModuleType
+) -> None:
     monkeypatch.delattr(torch.optim, "LionDist", raising=False)
+    supported = zero_utils.ZERO_SUPPORTED_OPTIMIZERS
     lds.register()
-    assert torch.optim.LionDist is Lion
+    assert torch.optim.LionDist is lds.LionDist
+    assert supported == [torch.optim.Adam, Lion]
     lds.register()  # idempotent
+    assert supported == [torch.optim.Adam, Lion]
+    monkeypatch.setattr(torch.optim, "LionDist", Lion)  # what register() used to add: replaced
+    lds.register()
+    assert torch.optim.LionDist is lds.LionDist
     monkeypatch.setattr(torch.optim, "LionDist", torch.optim.SGD)
     with pytest.raises(RuntimeError, match=r"torch.optim.LionDist is already .*SGD"):
         lds.register()
+
+
+def test_register_without_deepspeed_says_how_to_install(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delattr(torch.optim, "LionDist", raising=False)
+    monkeypatch.setitem(sys.modules, "deepspeed", None)  # makes `import deepspeed` fail
+    with pytest.raises(ImportError, match=r"pip install 'lion-dist\[deepspeed\]'"):
+        lds.register()
+    assert not hasattr(torch.optim, "LionDist")
+
+
+def test_liondist_factory_converts_and_checks_params_like_initialize() -> None:
+    param = torch.nn.Parameter(torch.zeros(3))
+    built = lds.LionDist([param], lr=1e-3, betas=[0.9, 0.95], momentum_dtype="bfloat16", global_batch_size=128)
+    assert type(built) is Lion
+    assert built.defaults["betas"] == (0.9, 0.95) and built.defaults["momentum_dtype"] is torch.bfloat16
+    assert built._batch_guard.global_batch_size == 128  # outside a DeepSpeed engine: as given
+    assert lds.LionDist([param])._batch_guard.global_batch_size is None
+    for kwargs, match in [
+        ({"eps": 1e-8}, 'Lion has no epsilon .* remove "eps"'),
+        ({"lrr": 1e-3}, "unknown key 'lrr' for \"LionDist\" \\(did you mean 'lr'\\?\\)"),
+        ({"lr": "auto"}, 'optimizer.params": lr must be a finite number > 0'),
+    ]:
+        with pytest.raises(ValueError, match=match):
+            lds.LionDist([param], **kwargs)
+
+
+def test_eps_is_refused_by_initialize_too() -> None:
+    with pytest.raises(ValueError, match="Lion has no epsilon"):
+        lds.lion_kwargs(liondist({"lr": 1e-4, "eps": 1e-8}))
 
 
 @pytest.mark.slow
@@ -254,6 +304,18 @@ def _deepspeed_on_two_ranks(rank: int, world_size: int, launch_configs: list[str
     out["types"]["registered"] = type(engine.basic_optimizer).__name__
     out["params"]["registered"] = _train(engine)
 
+    # what the HF Trainer passes: no zero_allow_untested_optimizer, no batch in params, strings for dtypes
+    hf_like = {
+        "train_micro_batch_size_per_gpu": 8,
+        "gradient_accumulation_steps": 2,
+        "train_batch_size": 32,
+        "zero_optimization": {"stage": 3},
+        "optimizer": {"type": "LionDist", "params": {"lr": 0.01, "momentum_dtype": "float32", "min_batch_size": 16}},
+    }
+    engine, *_ = deepspeed.initialize(model=make_model(), config=hf_like)
+    guard = engine.basic_optimizer._batch_guard
+    out["registered_guard"] = (guard.global_batch_size, guard.source, guard.min_batch_size, guard.policy)
+
     small = {"train_micro_batch_size_per_gpu": 8, "gradient_accumulation_steps": 2, "zero_optimization": {"stage": 1}}
     out["small"] = _guard_messages({**small, "optimizer": {"type": "LionDist"}})
     out["small_error"] = _guard_messages(
@@ -282,6 +344,12 @@ def test_every_zero_stage_trains_like_lion_and_the_guard_sees_train_batch_size()
         )
         assert "2 x data-parallel size 2)" in error
         assert result["enough"] == ([], None)
+        assert result["registered_guard"] == (
+            32,
+            "DeepSpeed train_batch_size = micro batch 8 x gradient_accumulation_steps 2 x data-parallel size 2",
+            16,
+            "warn",
+        )
     rank0, rank1 = results
     assert len(rank0["small"][0]) == 1 and rank1["small"] == ([], None)
     assert "effective batch is 32 (DeepSpeed train_batch_size = micro batch 8" in rank0["small"][0][0]
