@@ -101,12 +101,6 @@ def test_trainer_with_lion_resumes_exactly_in_one_process(one_process: tuple[Pat
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="lion_dist.Lion.load_state_dict refuses a group lr of 0 (optimizer.py: _check_state_dict, _validate_group); "
-    "and Accelerate's AcceleratedOptimizer round-trips the state dict after a warmup schedule has set lr to 0",
-)
 def test_trainer_with_warmup_from_lr_0(one_process: tuple[Path, dict]) -> None:
     error = one_process[1]["warmup_error"]
     assert error is None, error

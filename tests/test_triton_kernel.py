@@ -141,17 +141,24 @@ for _name, _hp in HPS.items():
 @case
 def many_tensors_and_dtypes_in_one_launch() -> None:
     """Full blocks, tails of a multiple of 16 and odd tails, several blocks per tensor, empty tensors skipped;
-    fp32 and bf16 tensors share the launch (each tensor's dtypes are a code in the layout)."""
+    tensors of any mix of fp32, bf16 and fp16 share one launch (each tensor's dtypes are a code in the layout),
+    all-fp32 tensors another (their kernel has no half-precision branches)."""
     from lion_dist.backends import triton_kernel
 
     sizes = [1, 0, 127, 1025, 4096, 0, 8192, 4096 + 16, 3 * 4096 + 5, *range(2, 300, 7)]
-    fp32, bf16 = make(sizes, (torch.float32,) * 3, seed=2), make(sizes, (torch.bfloat16, torch.float32, torch.bfloat16))
-    params, grads, exp_avgs = (fp32[k] + bf16[k] for k in range(3))
+    triples = [
+        (torch.float32,) * 3,
+        (torch.bfloat16, torch.float32, torch.bfloat16),
+        (torch.float16, torch.bfloat16, torch.float32),
+        (torch.float32, torch.bfloat16, torch.float32),
+    ]
+    made = [make(sizes, triple, seed=2 + k) for k, triple in enumerate(triples)]
+    params, grads, exp_avgs = ([t for m in made for t in m[k]] for k in range(3))
     with pytest.MonkeyPatch.context() as patch:
         counter = CountLaunches(triton_kernel._lion_kernel)
         patch.setattr(triton_kernel, "_lion_kernel", counter)
         step_and_compare(params, grads, exp_avgs, HP)
-    assert len(counter.grids) == 1
+    assert len(counter.grids) == 2
 
 
 @case
