@@ -5,7 +5,8 @@ this process) with the same flags; `python -m lion_dist.train` is the per-rank j
 `torchrun --nproc-per-node N -m lion_dist.train ...` (multi-node too) runs the very same thing.
 `lion-dist compare` runs the job once per variant (same model, data, seed and budget) and writes one plot and
 one table. A variant is a name plus the train flags that make it: add one to `VARIANTS` to compare more
-(`DEFAULT_VARIANTS` run without `--variants`).
+(`DEFAULT_VARIANTS` run without `--variants`). `lion-dist sweep` tunes each optimizer's lr over seeds and global
+batch sizes (`sweep.py`).
 """
 
 from __future__ import annotations
@@ -22,7 +23,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from lion_dist.train.config import AGGREGATES, OPTIMIZER_DEFAULTS, TrainConfig, check_out_dir, validate
+from lion_dist.train.config import (
+    ADAMW_LR,
+    ADAMW_WEIGHT_DECAY,
+    AGGREGATES,
+    OPTIMIZER_DEFAULTS,
+    SWEEP_LR_GRIDS,
+    TrainConfig,
+    check_out_dir,
+    validate,
+)
 from lion_dist.train.plot import plot_runs, read_metrics
 
 
@@ -48,9 +58,16 @@ VARIANTS: dict[str, Variant] = {
 DEFAULT_VARIANTS = ("lion", "adamw")
 
 
-def _add_train_flags(parser: argparse.ArgumentParser, *, out: str, with_optimizer: bool) -> None:
+def _add_train_flags(
+    parser: argparse.ArgumentParser, *, out: str, with_optimizer: bool, omit: tuple[str, ...] = ()
+) -> None:
+    """The train flags on `parser`; `omit` leaves out those a command sets itself (by TrainConfig field name)."""
     d = TrainConfig()
-    add = parser.add_argument
+
+    def add(flag: str, **kwargs: Any) -> None:
+        if flag[2:].replace("-", "_") not in omit:
+            parser.add_argument(flag, **kwargs)
+
     add("--out", default=out, help=f"output directory (default: {out})")
     add("--data", default=None, metavar="FILE", help="a UTF-8 text file (default: the Python stdlib's source)")
     add("--steps", type=int, default=d.steps, help=f"optimizer steps (default: {d.steps})")
@@ -234,6 +251,77 @@ def _compare(args: argparse.Namespace, argv: list[str]) -> int:
     return 0
 
 
+def _sweep(args: argparse.Namespace, argv: list[str]) -> int:
+    from lion_dist.train import sweep  # it imports this module
+
+    base = _config(args)
+    validate(base)
+    grids = {name: tuple(getattr(args, f"{name}_lrs")) for name in dict.fromkeys(args.optimizers)}
+    plan = sweep.plan(
+        base,
+        _nproc(args.nproc_per_node, base),
+        grids=grids,
+        seeds=args.seeds,
+        batches=args.batch_sizes,
+        lr_wd_product=args.lr_wd_product,
+        confirm_seeds=args.confirm_seeds,
+    )
+    command = "lion-dist " + shlex.join(a for a in argv if a not in ("--resume", "--report-only"))
+    if args.report_only:
+        print(sweep.write_report(plan, command), flush=True)
+        return 0
+    return sweep.run(plan, resume=args.resume, overwrite=args.overwrite, command=command)
+
+
+def _add_sweep_flags(parser: argparse.ArgumentParser) -> None:
+    add = parser.add_argument
+    add(
+        "--optimizers",
+        nargs="+",
+        choices=sorted(OPTIMIZER_DEFAULTS),
+        default=list(SWEEP_LR_GRIDS),
+        metavar="NAME",
+        help=f"optimizers to tune, from {', '.join(sorted(OPTIMIZER_DEFAULTS))} (default: {' '.join(SWEEP_LR_GRIDS)})",
+    )
+    for name, grid in SWEEP_LR_GRIDS.items():
+        add(
+            f"--{name}-lrs",
+            type=float,
+            nargs="+",
+            default=list(grid),
+            metavar="LR",
+            help=f"{name}'s peak lrs (default: {' '.join(f'{lr:g}' for lr in grid)})",
+        )
+    add("--seeds", type=int, default=2, help="seeds per lr: --seed, --seed + 1, ... (default: 2)")
+    add(
+        "--confirm-seeds",
+        type=int,
+        default=0,
+        metavar="K",
+        help="then rerun only each optimizer's best lr at each batch with K more seeds, for the spread and the "
+        "difference at a fraction of the cost of more --seeds (default: 0)",
+    )
+    add(
+        "--batch-sizes",
+        type=int,
+        nargs="+",
+        default=None,
+        metavar="B",
+        help="global batches (sequences) to tune at, each a multiple of --micro-batch-size x workers; the token "
+        "budget stays that of --steps at the train flags' own global batch, so a larger batch takes fewer steps "
+        "(default: only that batch)",
+    )
+    add(
+        "--lr-wd-product",
+        type=float,
+        default=ADAMW_LR * ADAMW_WEIGHT_DECAY,
+        metavar="P",
+        help=f"every run's weight decay is P / lr, so lr x wd is matched (default: AdamW's {ADAMW_LR:g} x "
+        f"{ADAMW_WEIGHT_DECAY:g} = {ADAMW_LR * ADAMW_WEIGHT_DECAY:g})",
+    )
+    add("--report-only", action="store_true", help="write the table and plots from the finished runs; train nothing")
+
+
 def _variant_config(cfg: TrainConfig, variant: Variant) -> TrainConfig:
     parser = argparse.ArgumentParser()
     _add_train_flags(parser, out=cfg.out, with_optimizer=True)
@@ -314,6 +402,15 @@ def build_parser() -> argparse.ArgumentParser:
         default=list(DEFAULT_VARIANTS),
         help=f"what to compare, from {', '.join(VARIANTS)} (default: {' '.join(DEFAULT_VARIANTS)})",
     )
+    sweep = sub.add_parser(
+        "sweep",
+        help="Lion vs AdamW, each tuned: an lr grid per optimizer, several seeds, several global batches; a table and "
+        "plots (--resume continues an interrupted sweep, skipping finished runs)",
+        allow_abbrev=False,  # else `--lr 1e-3` would silently mean --lr-wd-product
+    )
+    _add_train_flags(sweep, out="runs/sweep", with_optimizer=False, omit=("lr", "weight_decay", "betas", "stop_at"))
+    _add_launch_flags(sweep)
+    _add_sweep_flags(sweep)
     return parser
 
 
@@ -323,7 +420,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        return _train(args) if args.command == "train" else _compare(args, argv)
+        if args.command == "train":
+            return _train(args)
+        return _compare(args, argv) if args.command == "compare" else _sweep(args, argv)
     except (ValueError, FileNotFoundError) as error:
         parser.exit(2, f"lion-dist {args.command}: error: {error}\n")
 

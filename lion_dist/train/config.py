@@ -12,6 +12,8 @@ from pathlib import Path
 ADAMW_LR = 1e-3
 ADAMW_WEIGHT_DECAY = 0.1
 LION_LR_DIVISOR = 3  # Chen et al. 2023: Lion's lr is 3-10x smaller than AdamW's, its weight decay 3-10x larger
+# `lion-dist sweep`'s lr grids: half-decades around each default (AdamW 1e-3, Lion 1e-3 / LION_LR_DIVISOR)
+SWEEP_LR_GRIDS: dict[str, tuple[float, ...]] = {"lion": (1e-4, 3e-4, 1e-3, 3e-3), "adamw": (3e-4, 1e-3, 3e-3)}
 AGGREGATES = ("vote", "mean")  # `distributed_lion.AGGREGATES`, named here because that module imports torch
 
 
@@ -88,6 +90,11 @@ class TrainConfig:
     samples: int = 3
     sample_chars: int = 200
     device: str = "auto"
+
+
+def default_warmup_steps(steps: int) -> int:
+    """The warmup when --warmup-steps is not given: a tenth of the run, at most 100 steps."""
+    return min(100, max(1, steps // 10))
 
 
 def resolve_hyperparams(cfg: TrainConfig) -> tuple[float, float, tuple[float, float], str]:

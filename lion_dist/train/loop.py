@@ -13,6 +13,7 @@ momentum (`ReplicaLion`) and resume on the same number of workers only.
 
 from __future__ import annotations
 
+import gc
 import hashlib
 import json
 import math
@@ -39,7 +40,14 @@ from tqdm import tqdm
 
 from lion_dist import Lion, checkpoint, shards
 from lion_dist.distributed_lion import DistributedLion, choose_transport, ring_bytes_sent, vote_bytes_sent
-from lion_dist.train.config import GPTConfig, TrainConfig, check_out_dir, resolve_hyperparams, validate
+from lion_dist.train.config import (
+    GPTConfig,
+    TrainConfig,
+    check_out_dir,
+    default_warmup_steps,
+    resolve_hyperparams,
+    validate,
+)
 from lion_dist.train.data import Corpus, eval_batches, load_corpus, train_batches
 from lion_dist.train.model import GPT
 from lion_dist.train.plot import plot_runs, read_metrics
@@ -119,15 +127,11 @@ class ReplicaLion(DistributedLion):
 
 def lr_at(step: int, lr: float, cfg: TrainConfig) -> float:
     """Linear warmup to `lr` over the warmup steps, then cosine decay to `lr * min_lr_ratio` at `cfg.steps`."""
-    warmup = _default_warmup(cfg) if cfg.warmup_steps is None else cfg.warmup_steps
+    warmup = default_warmup_steps(cfg.steps) if cfg.warmup_steps is None else cfg.warmup_steps
     if step <= warmup:
         return lr * step / warmup
     progress = (step - warmup) / max(cfg.steps - warmup, 1)
     return lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
-
-
-def _default_warmup(cfg: TrainConfig) -> int:
-    return min(100, max(1, cfg.steps // 10))
 
 
 def _param_groups(model: nn.Module, wd: float) -> list[dict[str, Any]]:
@@ -172,6 +176,7 @@ class _Run:
         # --distributed-lion: every rank a whole replica, sharded on a one-rank mesh; signs go across "replicate"
         shape, names = ((self.world, 1), ("replicate", "shard")) if cfg.distributed_lion else ((self.world,), None)
         mesh = init_device_mesh(self.device.type, shape, mesh_dim_names=names)
+        self.mesh = mesh  # run_worker frees its process groups at the end (`_close_process_groups`)
         shard_mesh = mesh["shard"] if cfg.distributed_lion else mesh
         for block in self.model.blocks:
             fully_shard(block, mesh=shard_mesh)
@@ -529,11 +534,37 @@ def run_worker(cfg: TrainConfig) -> dict[str, Any] | None:
         torch.cuda.set_device(device)
     dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     try:
-        summary = _Run(cfg).run()
+        run = _Run(cfg)
+        summary = run.run()
         dist.barrier()  # ranks leave together: none tears down its group while rank 0 still plots and samples
-        return summary
-    finally:
+    except BaseException:
+        # A failed run only unregisters its groups: the traceback holds the job, and a collective a failed peer
+        # never joins would block a group's destructor. The run fails either way.
         dist.destroy_process_group()
+        raise
+    mesh, run = run.mesh, None  # the job's last strong references to its modules and optimizer
+    _close_process_groups(mesh)
+    return summary
+
+
+def _close_process_groups(mesh: DeviceMesh) -> None:
+    """Free the job's process groups now, with the interpreter intact, so that no gloo thread outlives the job.
+
+    Issue 14: `destroy_process_group` only unregisters the groups. DTensor's sharding caches keep the job's mesh
+    to the end of the process and the mesh keeps its groups (`_pg_registry`), so gloo's worker threads lived into
+    interpreter finalization. A worker drops a finished work, and with the GIL its tensors' Python objects
+    (`TensorImpl::decref_pyobject`), only after waking the waiting thread: the final barrier, which holds the last
+    all-gather, was dropped while the main thread ran to exit. When that raced the start of finalization, Python
+    ended the worker with `pthread_exit`, whose unwinding through noexcept C++ destructors calls std::terminate:
+    "terminate called without an active exception", SIGABRT, after a finished run (gdb stacks, and
+    `benchmarks/exit_stress.py --widen` which makes it likely: benchmarks/RESULTS.md, "Exit of the main job").
+    Freed here, each ProcessGroupGloo's destructor lets its workers finish, their last decrefs included, and joins
+    them; `python -m lion_dist.train` then exits normally.
+    """
+    gc.collect()  # FSDP's hooks and states are cycles that hold the groups
+    dist.destroy_process_group()
+    getattr(mesh, "_pg_registry", {}).clear()  # the mesh's own references; sub-meshes use their root's
+    gc.collect()
 
 
 def _free_port() -> int:
