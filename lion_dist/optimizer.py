@@ -134,7 +134,7 @@ class Lion(Optimizer):
         cautious_factor: None for plain Lion; in [0, 1] for cautious Lion (arXiv 2411.16085).
         cautious_wd: decay only where the update and the param agree in sign (arXiv 2510.12402).
         maximize: ascend instead of descend.
-        momentum_dtype: None (the param's dtype), torch.float32 or torch.bfloat16. Math is fp32 always.
+        momentum_dtype: None (the param's dtype), torch.float32 or torch.bfloat16. Math is fp32 (fp64 for fp64 params).
         backend: "auto" (fused Triton on CUDA, fused C on CPU where available, else foreach), "foreach",
             "triton", "cpu_fused" or "reference". `use_triton=True/False` maps to "triton"/"foreach".
         capturable: a step that reads nothing on the host and allocates nothing (the step count lives on the
