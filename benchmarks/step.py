@@ -5,13 +5,15 @@
     python benchmarks/step.py --smoke    # tiny tensors, one repeat: checks that the script runs (seconds)
 
 Workloads (issue 3): W1 one 64M-element tensor; W2 a GPT-2-small-like list (GPU: GPT-2 small itself, 148
-tensors, 124M elements; CPU: 10 GPT-2 blocks at width 448, 120 tensors, 24M elements); W3 2000 tensors of 1024.
+tensors, 124M elements; CPU: 10 GPT-2 blocks at width 448, 120 tensors, 24M elements); W3 2000 tensors of 1024;
+W2u is W2 with its first tensor a view into a flat buffer one element off 16-byte alignment (as in a flat
+parameter), so that tensor takes the kernels' unaligned variant while the rest of its bucket stays aligned.
 Params and grads share a dtype (fp32 or bf16); every optimizer keeps its default state dtype.
 
 For each optimizer: the median `step()` time, the ratio to lion_dist (its default backend, nonfinite="ignore": above 1
 means slower than lion_dist), the GB/s it achieves counting the bytes its algorithm must move (Lion: read p, g, m and
-write p, m; AdamW: also v), that as a % of the in-place add bandwidth measured on a buffer of the same size, its
-optimizer state bytes, and the peak extra memory during one step (CUDA: max_memory_allocated; CPU: the growth of the
+write p, m; AdamW: also v), that as a % of the in-place add and copy bandwidths measured on a buffer of the same size,
+its optimizer state bytes, and the peak extra memory during one step (CUDA: max_memory_allocated; CPU: the growth of the
 process's resident-set high-water mark, reset through /proc/self/clear_refs). The "bandwidth floor" row is the time
 Lion's bytes take at that add bandwidth. Optimizers that cannot run here (no GPU, a package or a compiler missing,
 a failed build) are listed with the reason; nothing fails the run.
@@ -67,12 +69,34 @@ def gpt2_block_shapes(d: int) -> list[tuple[int, ...]]:
 def workloads(device: str, size: str) -> dict[str, list[tuple[int, ...]]]:
     """Name -> parameter shapes. `size` is "full" (the issue's sizes) or "smoke" (tiny)."""
     if size == "smoke":
-        return {"W1": [(1 << 16,)], "W2": gpt2_block_shapes(64) * 2, "W3": [(1024,)] * 50}
+        return {
+            "W1": [(1 << 16,)],
+            "W2": gpt2_block_shapes(64) * 2,
+            "W2u": gpt2_block_shapes(64) * 2,
+            "W3": [(1024,)] * 50,
+        }
     if device == "cuda":
         w2 = [(50257, 768), (1024, 768), *gpt2_block_shapes(768) * 12, (768,), (768,)]
     else:
         w2 = gpt2_block_shapes(448) * 10
-    return {"W1": [(64 << 20,)], "W2": w2, "W3": [(1024,)] * 2000}
+    return {"W1": [(64 << 20,)], "W2": w2, "W2u": w2, "W3": [(1024,)] * 2000}
+
+
+UNALIGNED = {"W2u"}  # workloads whose first param is a view one element off 16-byte alignment
+
+
+def make_params(shapes, dtype: torch.dtype, device: str, gen: torch.Generator, unaligned: bool) -> list[torch.Tensor]:
+    """Leaf params with gradients; with `unaligned`, the first is a view into a buffer at a one-element offset."""
+    params = []
+    for i, s in enumerate(shapes):
+        value = torch.randn(s, device=device, generator=gen).to(dtype)
+        if unaligned and i == 0:
+            flat = torch.empty(value.numel() + 1, device=device, dtype=dtype)
+            value = flat[1:].view(s).copy_(value)  # a leaf: its base does not require grad
+        params.append(value.requires_grad_())
+    for p in params:
+        p.grad = torch.randn(p.shape, device=device, generator=gen).to(dtype) * 1e-2
+    return params
 
 
 # ---------------------------------------------------------------------------------------------- peers
@@ -84,13 +108,14 @@ class Peer:
     algorithm: str  # "lion" or "adamw": which state tensors the step must read and write
     make: Callable[[list[torch.Tensor]], torch.optim.Optimizer]
     baseline: bool = False
+    dtypes: tuple[str, ...] = tuple(DTYPES)  # the param dtypes it is timed on
 
 
-def _lion_dist(backend: str, nonfinite: str = "ignore") -> Callable:
+def _lion_dist(backend: str, nonfinite: str = "ignore", stochastic_rounding: bool = False) -> Callable:
     def make(params):
         if backend == "cpu_fused" and not cpu_kernel.is_available():
             raise Unavailable(f"the fused CPU kernel is unavailable ({cpu_kernel.unavailable_reason()})")
-        hp = dict(lr=LR, betas=BETAS, weight_decay=WD)
+        hp = dict(lr=LR, betas=BETAS, weight_decay=WD, stochastic_rounding=stochastic_rounding)
         return Lion(params, **hp, backend=backend, nonfinite=nonfinite, batch_size_policy="ignore")
 
     return make
@@ -149,6 +174,8 @@ def peers(device: str, quick: bool) -> tuple[list[Peer], list[tuple[str, str]]]:
     auto = resolve_backend("auto", torch.device(device), LionHyperparams(lr=LR, beta1=BETAS[0], beta2=BETAS[1]))
     run = [Peer(f"lion_dist (auto: {auto})", "lion", _lion_dist("auto"), True)]
     run.append(Peer("lion_dist auto, nonfinite='skip'", "lion", _lion_dist("auto", "skip")))
+    sr = _lion_dist("auto", stochastic_rounding=True)
+    run.append(Peer("lion_dist auto, stochastic_rounding=True", "lion", sr, dtypes=("bf16",)))  # SR: bf16 params only
     run.append(Peer("lion_dist functional.lion only (no optimizer)", "lion", FunctionalLion))
     run.append(Peer("lion_dist foreach", "lion", _lion_dist("foreach")))
     if quick:
@@ -257,6 +284,7 @@ class Row:
     ratio: float | None = None
     gbs: float | None = None
     pct_add_bw: float | None = None
+    pct_copy_bw: float | None = None
     state_mb: float | None = None
     peak_extra_mb: float | None = None
 
@@ -296,11 +324,9 @@ def bench_workload(name: str, shapes, dtype_name: str, device: str, repeats: int
 
     Interleaving makes the ratios robust to a machine whose load changes during the run.
     """
-    dtype = DTYPES[dtype_name]
     gen = torch.Generator(device=device).manual_seed(0)
-    params = [torch.randn(s, device=device, generator=gen).to(dtype).requires_grad_() for s in shapes]
-    for p in params:
-        p.grad = torch.randn(p.shape, device=device, generator=gen).to(dtype) * 1e-2
+    params = make_params(shapes, DTYPES[dtype_name], device, gen, name in UNALIGNED)
+    peer_list = [peer for peer in peer_list if dtype_name in peer.dtypes]
     numel = sum(p.numel() for p in params)
     a, b = torch.randn(numel, device=device), torch.randn(numel, device=device)
     timed: dict[str, Callable[[], object]] = {"add probe": lambda: a.add_(b), "copy probe": lambda: a.copy_(b)}
@@ -328,7 +354,8 @@ def bench_workload(name: str, shapes, dtype_name: str, device: str, repeats: int
                 del timed[key]
     ms = {k: statistics.median(v) for k, v in times.items() if k in timed}
     add_gbs = 12 * numel / ms["add probe"] / 1e6
-    probe = {"add_gbs": add_gbs, "copy_gbs": 8 * numel / ms["copy probe"] / 1e6, "elements": numel}
+    copy_gbs = 8 * numel / ms["copy probe"] / 1e6
+    probe = {"add_gbs": add_gbs, "copy_gbs": copy_gbs, "elements": numel}
     report.machine["probes"][f"{name} {dtype_name}"] = {**probe, "tensors": len(shapes)}
     timed.clear()
 
@@ -359,6 +386,7 @@ def bench_workload(name: str, shapes, dtype_name: str, device: str, repeats: int
                 ratio=r["ms"] / base["ms"] if base else None,
                 gbs=gbs,
                 pct_add_bw=100 * gbs / add_gbs,
+                pct_copy_bw=100 * gbs / copy_gbs,
                 state_mb=r["state"] / 2**20,
                 peak_extra_mb=None if r["extra"] is None else r["extra"] / 2**20,
             )
@@ -374,6 +402,7 @@ def bench_workload(name: str, shapes, dtype_name: str, device: str, repeats: int
                 ratio=floor_ms / base["ms"],
                 gbs=add_gbs,
                 pct_add_bw=100.0,
+                pct_copy_bw=100 * add_gbs / copy_gbs,
             )
         )
     skip_name = "lion_dist auto, nonfinite='skip'"
@@ -497,12 +526,15 @@ def markdown(report: Report) -> str:
             f"in-place add {probe['add_gbs']:.1f} GB/s, copy {probe['copy_gbs']:.1f} GB/s"
         )
         out.append("")
-        out.append("| optimizer | median ms | x lion_dist | GB/s | % of add bw | state MiB | peak extra MiB |")
-        out.append("|---|---:|---:|---:|---:|---:|---:|")
+        out.append(
+            "| optimizer | median ms | x lion_dist | GB/s | % of add bw | % of copy bw | state MiB | peak extra MiB |"
+        )
+        out.append("|---|---:|---:|---:|---:|---:|---:|---:|")
         for r in rows:
             out.append(
                 f"| {r.optimizer} | {_fmt(r.ms, '.2f')} | {_fmt(r.ratio, '.2f')} | {_fmt(r.gbs, '.1f')} | "
-                f"{_fmt(r.pct_add_bw, '.0f')} | {_fmt(r.state_mb, '.1f')} | {_fmt(r.peak_extra_mb, '.1f')} |"
+                f"{_fmt(r.pct_add_bw, '.0f')} | {_fmt(r.pct_copy_bw, '.0f')} | {_fmt(r.state_mb, '.1f')} | "
+                f"{_fmt(r.peak_extra_mb, '.1f')} |"
             )
     if report.host:
         out.append("")
@@ -567,7 +599,7 @@ def main(argv: list[str] | None = None) -> Report:
     mode.add_argument("--quick", action="store_true", help="3 repeats, no reference backend")
     mode.add_argument("--smoke", action="store_true", help="tiny tensors, 1 repeat: does the script run?")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
-    parser.add_argument("--workloads", default="W1,W2,W3", help="comma-separated subset of W1,W2,W3")
+    parser.add_argument("--workloads", default="W1,W2,W3", help="comma-separated subset of W1,W2,W2u,W3")
     parser.add_argument("--dtypes", default="fp32,bf16", help="comma-separated subset of fp32,bf16")
     parser.add_argument("--peers", default="", help="only optimizers whose name contains one of these (comma-sep.)")
     parser.add_argument("--repeats", type=int, default=None, help="timed steps per optimizer (median)")
