@@ -14,8 +14,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import os
-import platform
 import shlex
 import sys
 import time
@@ -23,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from lion_dist.train import sweep
 from lion_dist.train.config import (
     ADAMW_LR,
     ADAMW_WEIGHT_DECAY,
@@ -33,6 +32,7 @@ from lion_dist.train.config import (
     check_out_dir,
     validate,
 )
+from lion_dist.train.launcher import launch, machine_description, to_argv
 from lion_dist.train.plot import plot_runs, read_metrics
 
 
@@ -168,22 +168,6 @@ def _config(args: argparse.Namespace, **override: Any) -> TrainConfig:
     return TrainConfig(**{**values, **override})
 
 
-def to_argv(cfg: TrainConfig) -> list[str]:
-    """The train flags that reproduce `cfg` (None values are left to their defaults)."""
-    argv: list[str] = []
-    for f in dataclasses.fields(cfg):
-        value, flag = getattr(cfg, f.name), "--" + f.name.replace("_", "-")
-        if value is None or value is False:
-            continue
-        if value is True:
-            argv.append(flag)
-        elif isinstance(value, tuple):
-            argv += [flag, *map(str, value)]
-        else:
-            argv += [flag, str(value)]
-    return argv
-
-
 def _nproc(requested: int | None, cfg: TrainConfig) -> int:
     import torch
 
@@ -199,27 +183,6 @@ def _nproc(requested: int | None, cfg: TrainConfig) -> int:
     if gpus < 2:
         print("lion-dist: one GPU visible, so one NCCL worker (NCCL needs a GPU per rank)", flush=True)
     return min(2, gpus)
-
-
-def launch(cfg: TrainConfig, nproc: int) -> int:
-    """Run the job on `nproc` local workers with torchrun (in this process); returns 0 or 1 when a worker failed."""
-    from torch.distributed.elastic.multiprocessing.api import SignalException
-    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
-    from torch.distributed.run import get_args_parser, run
-
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, cores // nproc)))  # share the cores, don't oversubscribe
-    torchrun = ["--standalone", f"--nproc-per-node={nproc}", "--module", "lion_dist.train", *to_argv(cfg)]
-    resume_hint = "rerun with the same flags plus --resume to continue from the last complete checkpoint"
-    try:
-        run(get_args_parser().parse_args(torchrun))
-    except ChildFailedError as error:  # the workers printed their tracebacks; say which failed and how
-        print(f"{error.format_msg()}\nlion-dist: a worker failed; {resume_hint}", file=sys.stderr, flush=True)
-        return 1
-    except SignalException as error:  # Ctrl-C or a kill: torchrun has stopped the workers
-        print(f"\nlion-dist: stopped by {error.sigval.name}; {resume_hint}", file=sys.stderr, flush=True)
-        return 128 + int(error.sigval)
-    return 0
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -252,7 +215,6 @@ def _compare(args: argparse.Namespace, argv: list[str]) -> int:
 
 
 def _sweep(args: argparse.Namespace, argv: list[str]) -> int:
-    from lion_dist.train import sweep  # it imports this module
 
     base = _config(args)
     validate(base)
@@ -328,17 +290,6 @@ def _variant_config(cfg: TrainConfig, variant: Variant) -> TrainConfig:
     return _config(parser.parse_args([*to_argv(cfg), *variant.train_args]))
 
 
-def _machine(summary: dict[str, Any], nproc: int) -> str:
-    import torch
-
-    if summary["device"] == "cuda":
-        where = f"{nproc} x {torch.cuda.get_device_name(0)}"
-    else:
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-        where = f"{nproc} CPU workers on {cores} cores ({platform.machine()})"
-    return f"{where}, torch {torch.__version__}, Python {platform.python_version()}"
-
-
 def compare_report(summaries: dict[str, dict[str, Any]], command: str, nproc: int) -> str:
     """The markdown table of a compare, and which variant won on final validation loss."""
     first = next(iter(summaries.values()))
@@ -346,7 +297,8 @@ def compare_report(summaries: dict[str, dict[str, Any]], command: str, nproc: in
     lines = [
         "# lion-dist compare",
         "",
-        f"Made by `{command}` on {_machine(first, nproc)}, {time.strftime('%Y-%m-%d')}. Every variant trains the "
+        f"Made by `{command}` on {machine_description(first, nproc)}, {time.strftime('%Y-%m-%d')}. "
+        "Every variant trains the "
         f"same model ({first['n_params']:,} params) on the same data with the same seed, global batch "
         f"({first['global_batch']} sequences) and {first['steps']} steps.",
         "",

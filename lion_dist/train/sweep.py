@@ -30,8 +30,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from lion_dist.train.cli import _machine, launch
 from lion_dist.train.config import TrainConfig, default_warmup_steps, validate
+from lion_dist.train.launcher import launch, machine_description
 from lion_dist.train.plot import Series, plot_spread, read_metrics
 
 LABELS = {"lion": "Lion", "adamw": "AdamW"}
@@ -426,7 +426,7 @@ def write_report(sweep: Sweep, command: str) -> str:
     first = next(iter(summaries.values()))
     best_lrs = winners(sweep, points)
     wall = sum(_wall_s(c) for c in summaries)
-    machine = _machine(first, sweep.nproc)
+    machine = machine_description(first, sweep.nproc)
     both = "lion" in sweep.grids and "adamw" in sweep.grids
     columns = ["global batch", "steps"] + [
         f"{LABELS[o]}: {w}" for o in sweep.grids for w in ("best lr", "final val loss")
