@@ -13,7 +13,7 @@ from __future__ import annotations
 import argparse
 
 from torch import nn
-from toy import eval_loss, make_batch, make_model
+from toy import eval_loss, make_batch, make_model, shut_down_distributed
 
 import lion_dist.deepspeed
 
@@ -46,3 +46,4 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+    shut_down_distributed()  # after main's engine is gone: no gloo thread outlives the interpreter
