@@ -37,7 +37,7 @@ from typing import Any
 import torch
 
 from lion_dist.batch_guard import BatchGuard
-from lion_dist.optimizer import Lion
+from lion_dist.optimizer import MOMENTUM_DTYPE_NAMES, Lion
 
 OPTIMIZER_TYPE = "LionDist"
 
@@ -48,7 +48,6 @@ _BATCH_KEYS = {
     "grad_accum_steps": "gradient_accumulation_steps",
 }
 _GUARD_KEYS = {"min_batch_size": "min_batch_size", "batch_size_policy": "policy"}  # Lion's name: BatchGuard's
-_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
 
 
 def _lion_keywords() -> list[str]:
@@ -134,11 +133,12 @@ def _lion_params(params: Any, *, batch_keys: bool) -> dict[str, Any]:
             )
     if isinstance(kwargs.get("momentum_dtype"), str):
         name = kwargs["momentum_dtype"]
-        if name not in _DTYPES:
+        if name not in MOMENTUM_DTYPE_NAMES:
             raise ValueError(
-                f'DeepSpeed config "optimizer.params.momentum_dtype" is {name!r}; use one of {sorted(_DTYPES)} or null'
+                f'DeepSpeed config "optimizer.params.momentum_dtype" is {name!r}; use one of '
+                f"{sorted(MOMENTUM_DTYPE_NAMES)} or null"
             )
-        kwargs["momentum_dtype"] = _DTYPES[name]
+        kwargs["momentum_dtype"] = MOMENTUM_DTYPE_NAMES[name]
     if isinstance(kwargs.get("betas"), list):
         kwargs["betas"] = tuple(kwargs["betas"])
     try:
@@ -199,7 +199,7 @@ def initialize(
 
     Same arguments and return value (engine, optimizer, dataloader, lr_scheduler). The config comes from
     `config`, `config_params` or `args.deepspeed_config`, as in DeepSpeed. With "LionDist", `params` are
-    `lion_dist.Lion`'s keyword arguments (`momentum_dtype` as "float32"/"bfloat16"), and the batch guard checks
+    `lion_dist.Lion`'s keyword arguments (`momentum_dtype` as "float32"/"bfloat16"/"int8"), and the batch guard checks
     DeepSpeed's `train_batch_size` right here, before the first step.
     """
     sources = [

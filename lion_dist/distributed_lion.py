@@ -262,6 +262,13 @@ class DistributedLion(Lion):
                 "on each replica's own gradient, so replicas would apply different updates; use cautious_factor=None "
                 "(cautious_wd=True works: it masks with the agreed update)"
             )
+        if group["momentum_dtype"] == torch.int8:
+            self.param_groups.pop()
+            raise ValueError(
+                "DistributedLion cannot use momentum_dtype=torch.int8: its step is split around the vote (direction, "
+                "then apply) and int8 momentum has no split step, its requantization being part of the fused step; "
+                "use momentum_dtype=torch.bfloat16 (2 bytes per param) or lion_dist.Lion with int8"
+            )
 
     def group_size(self) -> int:
         """How many replicas exchange signs (1 without torch.distributed)."""

@@ -22,14 +22,22 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from lion_dist import shards, spec
+from lion_dist import momentum, shards, spec
 from lion_dist.backends import NAMES as BACKENDS
 from lion_dist.batch_guard import BatchGuard
 from lion_dist.nonfinite import NonfiniteGuard
-from lion_dist.plan import Bound, PlanCache, momentum_dtype_for
+from lion_dist.plan import Bound, PlanCache
 from lion_dist.spec import FLOAT_DTYPES, DeviceKey, LionHyperparams
 
-MOMENTUM_DTYPES = (None, torch.float32, torch.bfloat16)
+MOMENTUM_DTYPES = (None, torch.float32, torch.bfloat16, torch.int8)
+MOMENTUM_DTYPE_NAMES = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "int8": torch.int8,
+}
+MAX_INT8_BLOCK = 1024
 _NOT_TRACEABLE = (
     "lion_dist.Lion.step checks each gradient against its cached plan with data_ptr() and calls its fused kernels "
     "with raw pointer tables (ctypes on CPU, Triton on GPU): nothing dynamo can trace, and the host work is a few "
@@ -98,14 +106,30 @@ def _validate_group(group: dict[str, Any], *, allow_zero_lr: bool = False) -> No
         raise ValueError(f"backend must be one of {BACKENDS}, got {group['backend']!r}")
     if group["momentum_dtype"] not in MOMENTUM_DTYPES:
         raise ValueError(
-            f"momentum_dtype must be None (the param's dtype), torch.float32 or torch.bfloat16, "
-            f"got {group['momentum_dtype']!r}"
+            f"momentum_dtype must be None (the param's dtype), torch.float32, torch.bfloat16 or torch.int8 (or one "
+            f"of the names {tuple(MOMENTUM_DTYPE_NAMES)}), got {group['momentum_dtype']!r}"
+        )
+    block = group["int8_block_size"]
+    if not isinstance(block, int) or isinstance(block, bool) or not 1 <= block <= MAX_INT8_BLOCK:
+        raise ValueError(
+            f"int8_block_size must be an int in [1, {MAX_INT8_BLOCK}], got {block!r}; "
+            f"the default is {spec.INT8_BLOCK} (elements per scale, along each row)"
+        )
+    if group["int8_rounding"] not in spec.INT8_ROUNDINGS:
+        raise ValueError(
+            f"int8_rounding must be one of {spec.INT8_ROUNDINGS}, got {group['int8_rounding']!r}; "
+            "'stochastic' keeps small momentum changes moving on average, 'nearest' can freeze them"
         )
     if not isinstance(group["seed"], int) or isinstance(group["seed"], bool):
         raise TypeError(f"seed must be an int, got {group['seed']!r}")
-    for flag in ("cautious_wd", "maximize", "stochastic_rounding", "capturable"):
+    for flag in ("cautious_wd", "maximize", "stochastic_rounding", "capturable", "compensation"):
         if not isinstance(group[flag], bool):
             raise TypeError(f"{flag} must be a bool, got {group[flag]!r}")
+    if group["compensation"] and group["stochastic_rounding"]:
+        raise ValueError(
+            "compensation=True and stochastic_rounding=True both keep small updates of bf16 params from rounding "
+            "away; pick one (compensation keeps a buffer of the param's size, stochastic rounding keeps none)"
+        )
     for p in group["params"]:
         if not isinstance(p, Tensor):
             raise TypeError(f"Lion optimizes tensors, got a {type(p).__name__} in params")
@@ -114,11 +138,11 @@ def _validate_group(group: dict[str, Any], *, allow_zero_lr: bool = False) -> No
                 f"Lion optimizes floating-point params (fp32, bf16, fp16, fp64, or complex of those), got one of "
                 f"dtype {p.dtype} with shape {tuple(p.shape)}"
             )
-        if p.is_complex() and group["momentum_dtype"] not in (None, torch.float32):
+        if p.is_complex() and group["momentum_dtype"] == torch.bfloat16:
             raise ValueError(
                 f"a complex param ({p.dtype}, shape {tuple(p.shape)}) has no momentum_dtype="
                 f"{group['momentum_dtype']}: its momentum is complex like it (momentum_dtype=None) or complex64 "
-                "(momentum_dtype=torch.float32)"
+                "(momentum_dtype=torch.float32; an int8 group keeps complex64 for it too)"
             )
 
 
@@ -134,7 +158,13 @@ class Lion(Optimizer):
         cautious_factor: None for plain Lion; in [0, 1] for cautious Lion (arXiv 2411.16085).
         cautious_wd: decay only where the update and the param agree in sign (arXiv 2510.12402).
         maximize: ascend instead of descend.
-        momentum_dtype: None (the param's dtype), torch.float32 or torch.bfloat16. Math is fp32 (fp64 for fp64 params).
+        momentum_dtype: None (the param's dtype), torch.float32, torch.bfloat16 or torch.int8 (also by name,
+            "int8"): 8-bit codes with one fp32 scale per `int8_block_size` elements of a row (see `momentum.py`
+            for which params keep fp32). Math is fp32 (fp64 for fp64 params).
+        int8_block_size, int8_rounding: the int8 momentum's block (default 128) and how it is requantized
+            each step ("stochastic", the default, unbiased; or "nearest").
+        compensation: keep each bf16/fp16 param's rounding error in a buffer of its dtype and add it back at
+            the next step (Kahan summation), for pure bf16 training without fp32 master weights.
         backend: "auto" (fused Triton on CUDA, fused C on CPU where available, else foreach), "foreach",
             "triton", "cpu_fused" or "reference". `use_triton=True/False` maps to "triton"/"foreach".
         capturable: a step that reads nothing on the host and allocates nothing (the step count lives on the
@@ -160,7 +190,10 @@ class Lion(Optimizer):
         cautious_factor: float | None = None,
         cautious_wd: bool = False,
         maximize: bool = False,
-        momentum_dtype: torch.dtype | None = None,
+        momentum_dtype: torch.dtype | str | None = None,
+        int8_block_size: int = spec.INT8_BLOCK,
+        int8_rounding: str = "stochastic",
+        compensation: bool = False,
         backend: str = "auto",
         use_triton: bool | None = None,
         capturable: bool = False,
@@ -187,7 +220,12 @@ class Lion(Optimizer):
             cautious_factor=cautious_factor,
             cautious_wd=cautious_wd,
             maximize=maximize,
-            momentum_dtype=momentum_dtype,
+            momentum_dtype=MOMENTUM_DTYPE_NAMES.get(momentum_dtype, momentum_dtype)
+            if isinstance(momentum_dtype, str)
+            else momentum_dtype,
+            int8_block_size=int8_block_size,
+            int8_rounding=int8_rounding,
+            compensation=compensation,
             backend=backend,
             capturable=capturable,
             stochastic_rounding=stochastic_rounding,
@@ -232,12 +270,29 @@ class Lion(Optimizer):
         return self._nonfinite.skipped_steps
 
     def state_bytes(self) -> int:
-        """This rank's optimizer-state bytes: local momentum numel x itemsize, summed over params."""
-        return sum(
-            shards.local(s["exp_avg"]).numel() * s["exp_avg"].element_size()
-            for s in self.state.values()
-            if "exp_avg" in s
-        )
+        """This rank's optimizer-state bytes: local momentum (int8: codes and scales) and compensation."""
+        return sum(momentum.state_bytes(s) for s in self.state.values())
+
+    def state_dict(self) -> dict[str, Any]:
+        """torch.optim's, with each group's `momentum_dtype` by name ("int8"): DCP's state-dict tools carry
+        tensors, numbers and strings, not torch dtypes."""
+        state_dict = super().state_dict()
+        for group in state_dict["param_groups"]:
+            if isinstance(group.get("momentum_dtype"), torch.dtype):
+                group["momentum_dtype"] = str(group["momentum_dtype"]).removeprefix("torch.")
+        return state_dict
+
+    def dequantized_state_dict(self) -> dict[str, Any]:
+        """`state_dict()` with every int8 momentum as an fp32 `exp_avg`, for tools that expect float momenta
+        (lion-pytorch, a world size of FSDP1 or ZeRO flat partitions other than the one it was saved at)."""
+        state_dict = self.state_dict()
+        params = [p for group in self.param_groups for p in group["params"]]
+        blocks = [group["int8_block_size"] for group in self.param_groups for _ in group["params"]]
+        ids = [i for group in state_dict["param_groups"] for i in group["params"]]
+        for i, p, block in zip(ids, params, blocks, strict=True):
+            if i in state_dict["state"]:
+                state_dict["state"][i] = momentum.dequantized_state(p, state_dict["state"][i], block)
+        return state_dict
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load what the load-state-dict pre-hooks make of `state_dict`, after checking all of it, so a bad
@@ -247,7 +302,10 @@ class Lion(Optimizer):
             result = hook(self, state_dict)
             if result is not None:
                 state_dict = result
+        if isinstance(state_dict, dict) and isinstance(state_dict.get("param_groups"), list):
+            state_dict["param_groups"] = [_momentum_dtype_by_value(g) for g in state_dict["param_groups"]]
         current_values = self._check_state_dict(state_dict)
+        saved_states = self._saved_states(state_dict)
         pre_hooks, self._optimizer_load_state_dict_pre_hooks = self._optimizer_load_state_dict_pre_hooks, {}
         try:
             super().load_state_dict(state_dict)  # the pre-hooks ran above, on what is checked
@@ -261,8 +319,15 @@ class Lion(Optimizer):
                 group["step"] = int(group["step"])  # saved by a capturable run
             for p in group["params"]:
                 state = self.state.get(p)
-                if state and "exp_avg" in state:
-                    state["exp_avg"] = state["exp_avg"].to(momentum_dtype_for(group["momentum_dtype"], p))
+                if state:  # as saved: torch casts every float state to the param's dtype (bf16 scales, momenta)
+                    state.update({k: v.to(device=p.device) for k, v in saved_states[p].items()})
+                    momentum.conform(p, state, group, create=False)
+
+    def _saved_states(self, state_dict: dict[str, Any]) -> dict[Tensor, dict[str, Any]]:
+        """The saved state of each param, by this optimizer's params (the pairing torch's load_state_dict uses)."""
+        saved_ids = [i for group in state_dict["param_groups"] for i in group["params"]]
+        params = [p for group in self.param_groups for p in group["params"]]
+        return {p: state_dict["state"][i] for i, p in zip(saved_ids, params, strict=True) if i in state_dict["state"]}
 
     def _check_state_dict(self, state_dict: Any) -> list[dict[str, Any]]:
         """Raise on anything that does not fit; return each current group's hyperparameters."""
@@ -290,22 +355,36 @@ class Lion(Optimizer):
             _validate_group(merged, allow_zero_lr=True)  # a schedule's warmup from 0 saves lr 0
             current_values.append({k: v for k, v in group.items() if k != "params"})
             for pi, (param_id, p) in enumerate(zip(saved["params"], group["params"], strict=True)):
-                self._check_param_state(state_dict["state"].get(param_id), p, f"param_groups[{gi}]['params'][{pi}]")
+                where = f"param_groups[{gi}]['params'][{pi}]"
+                self._check_param_state(state_dict["state"].get(param_id), p, merged, where)
         return current_values
 
     @staticmethod
-    def _check_param_state(state: Any, p: Tensor, where: str) -> None:
+    def _check_param_state(state: Any, p: Tensor, group: dict[str, Any], where: str) -> None:
         if state is None:
             return
-        if not isinstance(state, dict) or set(state) != {"exp_avg"}:
+        if not isinstance(state, dict) or "exp_avg" not in state or not set(state) <= set(momentum.STATE_KEYS):
             keys = sorted(state) if isinstance(state, dict) else type(state).__name__
             raise ValueError(
-                f"state for {where} has {keys}; a Lion state holds exactly one tensor, 'exp_avg' "
-                "(is this state dict from another optimizer?)"
+                f"state for {where} has {keys}; a Lion state holds 'exp_avg' (the momentum), with int8 momentum "
+                "'exp_avg_scale', with compensation 'compensation' (is this state dict from another optimizer?)"
             )
-        exp_avg = state["exp_avg"]
+        exp_avg, scales = state["exp_avg"], state.get("exp_avg_scale")
+        if scales is not None:
+            expected = spec.int8_scale_shape(p.shape, group["int8_block_size"])
+            if not isinstance(exp_avg, Tensor) or exp_avg.dtype != torch.int8 or exp_avg.shape != p.shape:
+                raise TypeError(f"state for {where}: an int8 momentum's exp_avg must be int8 codes shaped as the param")
+            if not isinstance(scales, Tensor) or scales.dtype != torch.float32 or tuple(scales.shape) != expected:
+                raise ValueError(
+                    f"state for {where}: exp_avg_scale must be fp32 of shape {expected} (int8_block_size="
+                    f"{group['int8_block_size']}), got {scales!r:.80}"
+                )
+            return
         if not isinstance(exp_avg, Tensor) or not (exp_avg.is_floating_point() or exp_avg.is_complex()):
-            raise TypeError(f"state for {where}: exp_avg must be a floating-point tensor, got {exp_avg!r:.80}")
+            raise TypeError(
+                f"state for {where}: exp_avg must be a floating-point tensor (or int8 codes with their "
+                f"exp_avg_scale), got {exp_avg!r:.80}"
+            )
         if exp_avg.is_complex() != p.is_complex():
             raise TypeError(f"state for {where}: exp_avg is {exp_avg.dtype}, the param {p.dtype}")
         if exp_avg.shape != p.shape:
@@ -360,6 +439,18 @@ class Lion(Optimizer):
         counts its step on the device."""
         if not group["stochastic_rounding"]:
             return None
+        return Lion._step_key(gi, group)
+
+    @staticmethod
+    def _quant_key(gi: int, group: dict[str, Any]) -> int | DeviceKey | None:
+        """This step's key of the int8 momenta's stochastic requantization (None: nearest). It may equal the
+        params' stochastic-rounding key: the momentum's noise streams differ (`spec.MOMENTUM_STREAM`)."""
+        if group["momentum_dtype"] != torch.int8 or group["int8_rounding"] != "stochastic":
+            return None
+        return Lion._step_key(gi, group)
+
+    @staticmethod
+    def _step_key(gi: int, group: dict[str, Any]) -> int | DeviceKey:
         if isinstance(group["step"], Tensor):
             return DeviceKey(spec.sr_key_base(group["seed"], gi), group["step"])
         return spec.sr_key(group["seed"], gi, group["step"])
@@ -372,7 +463,12 @@ class Lion(Optimizer):
         """
         plan = bound.plan
         counts = [
-            spec.cautious_aligned_count(g, e.exp_avg, hp, spec.math_dtype(e.param.dtype))
+            spec.cautious_aligned_count(
+                g,
+                e.exp_avg if e.scales is None else spec.dequantize_momentum(e.exp_avg, e.scales, e.block),
+                hp,
+                spec.math_dtype(e.param.dtype),
+            )
             for g, e in zip(bound.grads, plan.entries, strict=True)
         ]
         if plan.nonempty is not None:
@@ -426,7 +522,8 @@ class Lion(Optimizer):
         if not self._exchanges_directions():
             for gi, (b, hp) in enumerate(zip(bound, hps, strict=True)):
                 means = self._cautious_means(b, hp) if hp.cautious_factor is not None else None
-                b.step(hp, skip=skip, sr_key=self._sr_key(gi, self.param_groups[gi]), means=means)
+                group = self.param_groups[gi]
+                b.step(hp, skip=skip, sr_key=self._sr_key(gi, group), means=means, quant_key=self._quant_key(gi, group))
             return
         if skip is not None and bool(skip):  # a device flag read on the host: the exchange syncs anyway
             return
@@ -441,6 +538,13 @@ class Lion(Optimizer):
         """The hook of a split step: each group's local directions in, the directions to apply out (None:
         leave that group's params as they are)."""
         return directions
+
+
+def _momentum_dtype_by_value(group: Any) -> Any:
+    """A saved group with its `momentum_dtype` name ("int8", as `Lion.state_dict` writes it) as the torch dtype."""
+    if isinstance(group, dict) and isinstance(name := group.get("momentum_dtype"), str):
+        return {**group, "momentum_dtype": MOMENTUM_DTYPE_NAMES.get(name, name)}
+    return group
 
 
 def _count_step(group: dict[str, Any], hp: LionHyperparams) -> None:

@@ -27,11 +27,20 @@ import torch
 from torch import Tensor
 from torch.distributed.tensor import DTensor
 
-from lion_dist import backends, shards
+from lion_dist import backends, momentum, shards
 from lion_dist.backends import Backend, Entry, Need
 from lion_dist.spec import DeviceKey, LionHyperparams
 
-ROUTING_KEYS = ("backend", "cautious_factor", "cautious_wd", "stochastic_rounding", "momentum_dtype", "capturable")
+ROUTING_KEYS = (
+    "backend",
+    "cautious_factor",
+    "cautious_wd",
+    "stochastic_rounding",
+    "momentum_dtype",
+    "int8_block_size",
+    "compensation",
+    "capturable",
+)
 MAX_PLANS_PER_GROUP = 256  # ZeRO-3 calls step() once per sub-group, each with its own params
 
 _grad = attrgetter("grad")
@@ -87,6 +96,7 @@ class Bound:
         skip: Tensor | None,
         sr_key: int | DeviceKey | None,
         means: Sequence[Tensor] | None,
+        quant_key: int | DeviceKey | None = None,
     ) -> None:
         """One Lion step of every entry, each route on its backend."""
         single = len(self.plan.routes) == 1
@@ -95,7 +105,9 @@ class Bound:
         for route in self.plan.routes:
             grads = self.grads if single else [self.grads[i] for i in route.index]
             route_means = None if means is None else [means[i] for i in route.index]
-            route.backend.step(route.prepared, grads, hp, skip=skip, sr_key=sr_key, means=route_means)
+            route.backend.step(
+                route.prepared, grads, hp, skip=skip, sr_key=sr_key, means=route_means, quant_key=quant_key
+            )
         for original, copy in self.plan.staged:
             original.copy_(copy)
 
@@ -152,6 +164,8 @@ class PlanCache:
         local_grads = None if plan is None else _check(plan, present)
         if local_grads is None:  # a new plan: this raises if a gradient does not fit its param
             key = (tuple(map(id, params)), None if mask is None else tuple(mask), sig)
+            for stale in [k for k, other in plans.items() if other.signature != sig]:
+                del plans[stale]  # built for other routing keys: `build` may replace the state tensors they hold
             plan = plans[key] = build(group, state, name, grads, mask, sig, split)
             plans.move_to_end(key)
             if len(plans) > MAX_PLANS_PER_GROUP:
@@ -269,7 +283,6 @@ def build(
     params = group["params"]
     positions = [pi for pi, g in enumerate(grads) if g is not None]
     local_grads = [_validated_local_grad(params[pi], name(pi)) for pi in positions]
-    momentum_dtype = group["momentum_dtype"]
     any_dtensor = any(isinstance(params[pi], DTensor) for pi in positions)
 
     entries: list[Entry] = []
@@ -279,10 +292,9 @@ def build(
     chosen: dict[tuple[str, torch.device], list[int]] = {}
     for k, (pi, g) in enumerate(zip(positions, local_grads, strict=True)):
         p = params[pi]
-        exp_avg = state[p].get("exp_avg")
-        if exp_avg is None:
-            exp_avg = state[p]["exp_avg"] = shards.new_momentum(p, momentum_dtype_for(momentum_dtype, p))
-        local_p, local_m = shards.local(p), shards.local(exp_avg)
+        momentum.conform(p, state[p], group, create=True)
+        local_p, local_m = shards.local(p), shards.local(state[p]["exp_avg"])
+        scales, compensation = (state[p].get(k) for k in ("exp_avg_scale", "compensation"))
         if local_p.numel() == 0:  # an empty shard (FSDP uneven sharding): nothing to update
             continue
         if p.is_complex():  # updated as its real view: each real and imaginary part takes its own sign
@@ -294,6 +306,7 @@ def build(
             stochastic_rounding=group["stochastic_rounding"] and local_p.dtype == torch.bfloat16,
             split=split,
             capturable=group["capturable"],
+            compensation=compensation is not None,
         )
         try:
             backend = backends.select(group["backend"], need)
@@ -304,13 +317,26 @@ def build(
         entry_positions.append(pi)
         nonempty.append(k)
         originals.append((local_p, local_m))
+        local_c = None if compensation is None else shards.local(compensation)
         if not backends.capabilities(backend).strided:  # a fused kernel updates contiguous copies of strided tensors
             local_p, local_m = (staged_copy(t, staged) for t in (local_p, local_m))
         base, shard = shards.noise_place(p)
         if p.is_complex():
             base *= 2
         chosen.setdefault((backend, local_p.device), []).append(len(entries))
-        entries.append(Entry(local_p, local_m, g.dtype, pi, base, shard))
+        entries.append(
+            Entry(
+                local_p,
+                local_m,
+                g.dtype,
+                pi,
+                base,
+                shard,
+                scales=None if scales is None else shards.local(scales),
+                block=group["int8_block_size"],
+                compensation=local_c,
+            )
+        )
 
     backends.refuse_overlaps(originals, [name(pi) for pi in entry_positions])
     routes = []
@@ -351,10 +377,3 @@ def staged_copy(tensor: Tensor, staged: list[tuple[Tensor, Tensor]]) -> Tensor:
     copy = tensor.contiguous()
     staged.append((tensor, copy))
     return copy
-
-
-def momentum_dtype_for(momentum_dtype: torch.dtype | None, p: Tensor) -> torch.dtype:
-    """The momentum's dtype for param `p`: the group's `momentum_dtype`, or the param's (complex stays complex)."""
-    if momentum_dtype is None:
-        return p.dtype
-    return momentum_dtype.to_complex() if p.is_complex() else momentum_dtype

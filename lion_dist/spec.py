@@ -192,9 +192,17 @@ def round_to_bf16_stochastic(x: Tensor, noise: Tensor) -> Tensor:
     return torch.where(torch.isfinite(x), rounded, x).to(torch.bfloat16)
 
 
-def write_back(dst: Tensor, value: Tensor, noise: NoiseStream | None) -> None:
-    """Store the math-dtype `value` into `dst`: rounded to nearest, or stochastically for bf16 with `noise`."""
-    if noise is not None and dst.dtype == torch.bfloat16:
+def write_back(dst: Tensor, value: Tensor, noise: NoiseStream | None, compensation: Tensor | None = None) -> None:
+    """Store the math-dtype `value` into `dst`: rounded to nearest, or stochastically for bf16 with `noise`.
+
+    With a Kahan `compensation` buffer (the caller added it to `value`), the rounding error `value - dst` is
+    kept in it for the next step, so small updates of a bf16 param add up instead of rounding away.
+    """
+    if compensation is not None:
+        rounded = value.to(dst.dtype)
+        compensation.copy_(value - rounded.to(value.dtype))
+        dst.copy_(rounded)
+    elif noise is not None and dst.dtype == torch.bfloat16:
         dst.copy_(round_to_bf16_stochastic(value, sr_noise(noise, value.numel(), value.device)).view(dst.shape))
     else:
         dst.copy_(value)
@@ -216,13 +224,25 @@ def lion_direction(grad: Tensor, exp_avg: Tensor, hp: LionHyperparams, compute: 
     return u
 
 
-def apply_direction(param: Tensor, u: Tensor, hp: LionHyperparams, noise: NoiseStream | None = None) -> None:
+def compensated(param: Tensor, compensation: Tensor | None, compute: torch.dtype) -> Tensor:
+    """The param in the math dtype, plus its Kahan compensation (the error its last rounding dropped)."""
+    p = param.to(compute)
+    return p if compensation is None else p + compensation.to(compute)
+
+
+def apply_direction(
+    param: Tensor,
+    u: Tensor,
+    hp: LionHyperparams,
+    noise: NoiseStream | None = None,
+    compensation: Tensor | None = None,
+) -> None:
     """The second half: `p <- p * (1 - lr * wd) - lr * u` (decay only where `u * p > 0` with cautious_wd)."""
-    p = param.to(u.dtype)
+    p = compensated(param, compensation, u.dtype)
     if hp.weight_decay != 0:
         decayed = p * hp.decay
         p = torch.where(u * p > 0, decayed, p) if hp.cautious_wd else decayed
-    write_back(param, p.add(u, alpha=-hp.lr_value), noise)
+    write_back(param, p.add(u, alpha=-hp.lr_value), noise, compensation)
 
 
 def lion_reference(
@@ -233,14 +253,15 @@ def lion_reference(
     *,
     mean: Tensor | None = None,
     noise: NoiseStream | None = None,
+    compensation: Tensor | None = None,
 ) -> None:
     """One Lion step on one tensor, in place, written plainly from the paper.
 
     `mean` overrides the cautious mean(s) (a sharded param passes the mean over its whole tensor).
-    `noise` turns on stochastic rounding for a bf16 param.
+    `noise` turns on stochastic rounding for a bf16 param; `compensation` Kahan-compensates it instead.
     """
     compute = math_dtype(param.dtype)
-    p = param.to(compute)
+    p = compensated(param, compensation, compute)
     g = grad.to(compute)
     m = exp_avg.to(compute)
     if hp.maximize:
@@ -261,7 +282,7 @@ def lion_reference(
     p = p.add(u, alpha=-hp.lr_value)
     m = m.mul(hp.beta2).add_(g, alpha=1 - hp.beta2)
 
-    write_back(param, p, noise)
+    write_back(param, p, noise, compensation)
     exp_avg.copy_(m)
 
 
@@ -273,3 +294,81 @@ def cautious_aligned_count(grad: Tensor, exp_avg: Tensor, hp: LionHyperparams, c
     g = grad.to(compute).neg() if hp.maximize else grad.to(compute)
     u = exp_avg.to(compute).mul(hp.beta1).add_(g, alpha=1 - hp.beta1).sign_()
     return ((u * g) > 0).sum()
+
+
+# ---------------------------------------------------------------------------------------------- 8-bit momentum
+
+INT8_BLOCK = 128  # elements per scale: along the last dim, never across a row
+INT8_MIN_NUMEL = 4096  # smaller params keep fp32 momentum (bitsandbytes' threshold): the scales would not pay off
+INT8_MAX_CODE = 127
+INT8_ROUNDINGS = ("stochastic", "nearest")
+MOMENTUM_STREAM = 1 << 31  # or-ed into a noise stream's shard field: requantization noise is not the params' SR noise
+
+
+def int8_scale_shape(shape: torch.Size | tuple[int, ...], block: int) -> tuple[int, ...]:
+    """The shape of the per-block scales of a momentum of `shape`: one per `block` elements of each row."""
+    *rows, n = tuple(shape) or (1,)
+    return (*rows, -(-n // block))
+
+
+def dequantize_momentum(codes: Tensor, scales: Tensor, block: int) -> Tensor:
+    """fp32 momentum from int8 codes and per-block fp32 scales: `m = code * scale` (one rounding)."""
+    n = codes.shape[-1] if codes.dim() else 1
+    expanded = scales.repeat_interleave(block, dim=-1)[..., :n].reshape(codes.shape)
+    return codes.to(torch.float32) * expanded
+
+
+def quantize_momentum(m: Tensor, block: int, noise: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """(int8 codes, fp32 scales) of the fp32 momentum `m`, blocks of `block` along the last dim.
+
+    Per block, `scale = absmax / 127` (NaN if the block holds a NaN) and `x = m / scale`. Rounding to nearest
+    (ties to even) gives `q = rint(x)`; with `noise` (16 bits per element, `sr_noise`) it is stochastic,
+    `q = floor(x + noise / 65536)`, which is unbiased: a step that moves m by less than half a code still moves
+    it on average, where rounding to nearest would freeze it (beta2 = 0.99 changes m by 1% of g - m). Codes are
+    clamped to [-127, 127]; where x is not finite (an all-zero block: 0 / 0; a NaN or Inf in the block) the code
+    is 0, so a non-finite momentum stays visible as a NaN scale (code x NaN or 0 x Inf) and never as a number.
+    """
+    shape = m.shape
+    n = shape[-1] if m.dim() else 1
+    nb = -(-n // block)
+    rows = m.reshape(-1, n).to(torch.float32)
+    padded = torch.nn.functional.pad(rows, (0, nb * block - n)).view(-1, nb, block)
+    absmax = padded.abs().amax(dim=-1)
+    absmax = torch.where(padded.isnan().any(dim=-1), float("nan"), absmax)
+    scales = absmax / INT8_MAX_CODE
+    x = padded / scales.unsqueeze(-1)
+    if noise is not None:
+        u = noise.reshape(-1, n).to(torch.float32) * (1.0 / 65536)
+        x = x + torch.nn.functional.pad(u, (0, nb * block - n)).view(-1, nb, block)
+        q = x.floor()
+    else:
+        q = x.round()
+    q = torch.where(torch.isfinite(q), q.clamp(-INT8_MAX_CODE, INT8_MAX_CODE), 0.0)
+    codes = q.view(-1, nb * block)[:, :n].to(torch.int8).reshape(shape)
+    return codes, scales.reshape(int8_scale_shape(shape, block))
+
+
+def lion_reference_int8(
+    param: Tensor,
+    grad: Tensor,
+    codes: Tensor,
+    scales: Tensor,
+    hp: LionHyperparams,
+    block: int,
+    *,
+    mean: Tensor | None = None,
+    noise: NoiseStream | None = None,
+    momentum_noise: NoiseStream | None = None,
+    compensation: Tensor | None = None,
+) -> None:
+    """One Lion step on one tensor with int8 momentum, in place: dequantize, `lion_reference`, requantize.
+
+    `momentum_noise` makes the requantization stochastic (see `quantize_momentum`); its stream should have
+    `MOMENTUM_STREAM` in its shard field, so that it draws other bits than the param's stochastic rounding.
+    """
+    m = dequantize_momentum(codes, scales, block)
+    lion_reference(param, grad, m, hp, mean=mean, noise=noise, compensation=compensation)
+    bits = None if momentum_noise is None else sr_noise(momentum_noise, m.numel(), m.device)
+    new_codes, new_scales = quantize_momentum(m, block, bits)
+    codes.copy_(new_codes)
+    scales.copy_(new_scales)

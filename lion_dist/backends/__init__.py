@@ -30,9 +30,9 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor
 
-from lion_dist.spec import FLOAT_DTYPES, DeviceKey, LionHyperparams, NoiseStream, key_value
+from lion_dist.spec import FLOAT_DTYPES, MOMENTUM_STREAM, DeviceKey, LionHyperparams, NoiseStream, key_value
 
-Triple = tuple[torch.dtype, torch.dtype, torch.dtype]  # (param, grad, momentum) dtypes
+Triple = tuple[torch.dtype, torch.dtype, torch.dtype]  # (param, grad, momentum) dtypes; int8 momentum: codes + scales
 
 _HALF_AND_SINGLE = (torch.float32, torch.bfloat16, torch.float16)
 # What the fused kernels compute: any mix of fp32, bf16 and fp16 storage (fp32 math), or all-fp64 (fp64 math).
@@ -52,6 +52,8 @@ class Capabilities:
     split: bool = False
     device_skip: bool = False  # reads the non-finite skip flag on the device (no host sync)
     capturable: bool = False  # a step without host reads or allocations (lr, step and flag on the device)
+    int8: bool = False  # int8 momentum (codes + per-block scales, `spec.quantize_momentum`), for its float triples
+    compensation: bool = False  # Kahan compensation of bf16/fp16 params (a buffer of the param's dtype)
 
 
 class Need(NamedTuple):
@@ -63,6 +65,7 @@ class Need(NamedTuple):
     stochastic_rounding: bool = False  # a bf16 param of a group with stochastic rounding
     split: bool = False
     capturable: bool = False
+    compensation: bool = False
 
 
 class Entry(NamedTuple):
@@ -74,9 +77,18 @@ class Entry(NamedTuple):
     param_id: int = 0  # its index in its group
     base: int = 0  # global index of its first element in the whole param
     shard: int = 0  # 0, or an id of a shard that is not a contiguous range of the whole param
+    scales: Tensor | None = None  # int8 momentum (exp_avg holds the codes): fp32, `spec.int8_scale_shape`
+    block: int = 0  # int8 momentum: elements per scale, along the last dim
+    compensation: Tensor | None = None  # Kahan compensation: the param's rounding error, in its dtype
 
     def noise(self, key: int | DeviceKey | None) -> NoiseStream | None:
         return None if key is None else NoiseStream(key_value(key), self.param_id, self.base, self.shard)
+
+    def momentum_noise(self, key: int | DeviceKey | None) -> NoiseStream | None:
+        """The stream of the int8 momentum's stochastic requantization: the param's, in another shard field."""
+        if key is None:
+            return None
+        return NoiseStream(key_value(key), self.param_id, self.base, self.shard | MOMENTUM_STREAM)
 
 
 class Backend(ABC):
@@ -98,12 +110,14 @@ class Backend(ABC):
         skip: Tensor | None = None,
         sr_key: int | DeviceKey | None = None,
         means: Sequence[Tensor] | None = None,
+        quant_key: int | DeviceKey | None = None,
     ) -> None:
         """One Lion step, in place, with this step's contiguous local `grads` (one per entry, same order).
 
         `skip`: a 1-element int32 flag; non-zero means write nothing. `sr_key`: this step's stochastic-rounding
         key (None: round to nearest; a `DeviceKey` where the step count lives on the device). `means`: per-entry
-        cautious means (cautious backends only).
+        cautious means (cautious backends only). `quant_key`: the key of int8 momenta's stochastic
+        requantization (`Entry.momentum_noise`; None: round to nearest).
         """
 
     def check_device(self, device: torch.device) -> None:
@@ -127,9 +141,16 @@ class Backend(ABC):
 
 
 _EVERYTHING = Capabilities(
-    devices=None, triples=ALL_TRIPLES, cautious=True, stochastic_rounding=True, strided=True, split=True
+    devices=None,
+    triples=ALL_TRIPLES,
+    cautious=True,
+    stochastic_rounding=True,
+    strided=True,
+    split=True,
+    int8=True,
+    compensation=True,
 )
-_FUSED = dict(triples=FUSED_TRIPLES, stochastic_rounding=True)
+_FUSED = dict(triples=FUSED_TRIPLES, stochastic_rounding=True, int8=True)
 CAPABILITIES: dict[str, Capabilities] = {
     "triton": Capabilities(devices=("cuda",), device_skip=True, capturable=True, **_FUSED),
     "cpu_fused": Capabilities(devices=("cpu",), **_FUSED),
@@ -178,6 +199,12 @@ def refusal(name: str, need: Need) -> str | None:
     caps = capabilities(name)
     if caps.devices is not None and need.device_type not in caps.devices:
         return f"it runs on {' or '.join(caps.devices)} tensors, not {need.device_type}"
+    if need.triple[2] == torch.int8:  # codes and scales: the math is that of an fp32 momentum
+        if not caps.int8:
+            return "it has no int8 momentum"
+        if need.split:
+            return "int8 momentum has no split step (Distributed Lion): its requantization is part of the step"
+        need = need._replace(triple=(*need.triple[:2], torch.float32))
     if need.triple not in caps.triples:
         names = "/".join(str(d).removeprefix("torch.") for d in need.triple)
         return f"it has no (param, grad, momentum) = ({names}) variant"
@@ -187,6 +214,8 @@ def refusal(name: str, need: Need) -> str | None:
         return "it has no stochastic rounding"
     if need.split and not caps.split:
         return "it has no split step (direction, then apply), which Distributed Lion needs"
+    if need.compensation and not caps.compensation:
+        return "it has no Kahan compensation of bf16 params"
     if need.capturable and not caps.capturable:
         return "capturable=True needs a step without host reads, which only the fused Triton kernel has"
     return None

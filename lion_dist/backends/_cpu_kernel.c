@@ -16,17 +16,27 @@
  * of silently freezing it. bf16 and fp16 are widened exactly and written back rounded to nearest even, or, for
  * bf16 params with a key, stochastically with the spec's Philox-4x32-10 noise (lion_dist.spec.sr_noise), so the
  * result equals the reference bit for bit in every case.
+ *
+ * int8 momentum (lion_dist.spec.lion_reference_int8): the momentum is int8 codes with one fp32 scale per block of
+ * `block` elements along the last dim (never across a row; a row's last block may be short). lion_step_int8 is
+ * the same step with m = code * scale; a thread owns whole blocks (chunks split at block boundaries), keeps the
+ * block's new momentum in a stack buffer, then requantizes it: scale = absmax / 127 (NaN if any element is NaN),
+ * code = clamp(rint(m / scale)) or, stochastically, clamp(floor(m / scale + noise / 65536)) with the spec's Philox
+ * noise in the momentum's own stream, and 0 where that is not finite. One pass: p, g and the codes are read
+ * once and written once.
  */
+#include <float.h>
 #include <math.h>
 #include <pthread.h>
 #include <stdint.h>
 #include <string.h>
 
-#define LION_ABI 5
+#define LION_ABI 6
 #define ALIGN_ELEMS 64 /* chunks start at multiples of 64 elements of a tensor: no cache line in two chunks */
 #define MIN_PER_THREAD 32768 /* fewer elements per thread: another thread costs more than it saves */
 #define MAX_THREADS 256
 #define CHUNKS_PER_THREAD 8 /* a delayed thread leaves its chunks to the others */
+#define MAX_INT8_BLOCK 4096 /* elements per scale of an int8 momentum: the stack buffers of a block */
 
 /* dtype codes, two bits per operand: code = P | G << 2 | M << 4 */
 enum { F32 = 0, BF16 = 1, F16 = 2, F64 = 3 };
@@ -174,6 +184,123 @@ typedef void (*segment_fn)(void *, const void *, void *, int64_t, int64_t, const
 static const segment_fn SEGMENTS[64] = {ENTRIES_G(0, 0), ENTRIES_G(1, 0), ENTRIES_G(2, 0), [ALL_F64] = seg_f64};
 static const segment_fn SEGMENTS_SR[64] = {ENTRIES_G(0, 0), ENTRIES_G(1, 1), ENTRIES_G(2, 0), [ALL_F64] = seg_f64};
 
+/* ------------------------------------------------------------------ int8 momentum */
+
+#define NOISE_UNIT (1.0f / 65536.0f) /* noise / 65536: exact */
+
+/* The spec's 16-bit noise (lion_dist.spec.sr_noise) of elements e0 .. e0 + len - 1 of stream `s`, one Philox call
+ * per counter e / 8 and one loop lane per counter (so the compiler vectorizes it): out[off + j] is element
+ * e0 + j's noise, where off = e0 % 8 is returned. Element e takes 16 bits of word (e % 8) / 2 of its counter's
+ * four outputs, the low half for even e: that is out[8 * (e / 8 - e0 / 8) + e % 8]. out holds len + 16 values. */
+static inline int64_t fill_noise(uint32_t *restrict out, const noise_stream *s, int64_t e0, int64_t len) {
+    const int64_t g0 = e0 >> 3, n_groups = ((e0 + len - 1) >> 3) - g0 + 1;
+    const uint32_t param_id = s->param_id, shard = s->shard, k0 = s->k0, k1 = s->k1;
+    for (int64_t q = 0; q < n_groups; q++) {
+        const uint64_t counter = (uint64_t)(g0 + q);
+        uint32_t c0 = (uint32_t)counter, c1 = (uint32_t)(counter >> 32), c2 = param_id, c3 = shard;
+        uint32_t a0 = k0, a1 = k1;
+#pragma GCC unroll 10
+        for (int round = 0; round < 10; round++) { /* philox4x32_10, with the words in registers */
+            const uint64_t a = (uint64_t)0xD2511F53u * c0;
+            const uint64_t b = (uint64_t)0xCD9E8D57u * c2;
+            const uint32_t n0 = (uint32_t)(b >> 32) ^ c1 ^ a0;
+            const uint32_t n2 = (uint32_t)(a >> 32) ^ c3 ^ a1;
+            c0 = n0, c1 = (uint32_t)b, c2 = n2, c3 = (uint32_t)a;
+            a0 += 0x9E3779B9u, a1 += 0xBB67AE85u;
+        }
+        uint32_t *o = out + 8 * q;
+        o[0] = c0 & 0xffffu, o[1] = c0 >> 16, o[2] = c1 & 0xffffu, o[3] = c1 >> 16;
+        o[4] = c2 & 0xffffu, o[5] = c2 >> 16, o[6] = c3 & 0xffffu, o[7] = c3 >> 16;
+    }
+    return e0 & 7;
+}
+
+/* One tensor with int8 momentum, as its loop sees it. */
+typedef struct {
+    void *p;
+    const void *g;
+    int8_t *q;
+    float *s;
+    int64_t row, block;   /* elements per row (the last dim), per scale */
+    noise_stream ns, qs;  /* the param's stochastic rounding, the codes' stochastic requantization */
+} q8_tensor;
+
+/* One loop per (param, grad) dtype; SR: stochastic rounding of a bf16 param; QSR: stochastic requantization.
+ * Elements [i0, i1) of the tensor, whole blocks: per block, the Lion step of the float kernel with
+ * m = code * scale (one rounding), the new momentum kept in mbuf, its absmax taken on the magnitude bits (as
+ * unsigned integers these order like the floats, and every NaN above Inf, so a NaN anywhere makes the absmax NaN,
+ * which C's fmaxf would drop), then the codes and the scale written. */
+#define LION_INT8_SEGMENT(P, G, SR, QSR)                                                                           \
+    static void q8_##P##_##G##_##SR##_##QSR(const q8_tensor *a, int64_t i0, int64_t i1, const lion_hp *hp) {        \
+        const float b1 = (float)hp->beta1, omb1 = (float)hp->one_minus_beta1;                                      \
+        const float b2 = (float)hp->beta2, omb2 = (float)hp->one_minus_beta2;                                      \
+        const float neg_lr = (float)hp->neg_lr, decay = (float)hp->decay;                                          \
+        const int has_decay = decay != 1.0f;                                                                        \
+        void *restrict p_ = a->p;                                                                                   \
+        const void *restrict g_ = a->g;                                                                             \
+        int8_t *restrict q_ = a->q;                                                                                 \
+        float *restrict s_ = a->s;                                                                                  \
+        float mbuf[MAX_INT8_BLOCK];                                                                                 \
+        uint32_t noise[MAX_INT8_BLOCK + 16];                                                                        \
+        const int64_t row = a->row, block = a->block, per_row = (row + block - 1) / block;                         \
+        int64_t r = i0 / row, col = i0 - r * row;                                                                   \
+        for (int64_t i = i0; i < i1;) {                                                                             \
+            const int64_t len = row - col < block ? row - col : block;                                              \
+            const int64_t si = r * per_row + col / block;                                                           \
+            const float scale_in = s_[si];                                                                          \
+            int64_t off = 0;                                                                                        \
+            if (SR) off = fill_noise(noise, &a->ns, a->ns.base + i, len);                                           \
+            uint32_t absmax = 0;                                                                                    \
+            for (int64_t j = 0; j < len; j++) {                                                                     \
+                const float g = LOAD(G, g_, i + j);                                                                 \
+                const float m = (float)q_[i + j] * scale_in;                                                        \
+                const float p = LOAD(P, p_, i + j);                                                                 \
+                const float c = fmaf(g, omb1, m * b1);                                                              \
+                const float one = f32_from_bits((bits_from_f32(c) & 0x80000000u) | 0x3f800000u);                    \
+                const float u = (c != 0.0f ? one : 0.0f) + c * 0.0f;                                                \
+                const float p_new = fmaf(u, neg_lr, has_decay ? p * decay : p);                                     \
+                const float m_new = fmaf(g, omb2, m * b2);                                                          \
+                if (SR) {                                                                                           \
+                    ((uint16_t *)p_)[i + j] = to_bf16_stochastic(p_new, noise[off + j]);                            \
+                } else {                                                                                            \
+                    STORE(P, p_, i + j, p_new);                                                                     \
+                }                                                                                                   \
+                mbuf[j] = m_new;                                                                                    \
+                const uint32_t magnitude = bits_from_f32(m_new) & 0x7fffffffu;                                      \
+                absmax = magnitude > absmax ? magnitude : absmax;                                                   \
+            }                                                                                                       \
+            const float scale = f32_from_bits(absmax) / 127.0f; /* NaN stays NaN */                                 \
+            if (QSR) off = fill_noise(noise, &a->qs, a->qs.base + i, len);                                          \
+            for (int64_t j = 0; j < len; j++) {                                                                     \
+                const float x = mbuf[j] / scale;                                                                    \
+                const float y = QSR ? floorf(x + (float)(int32_t)noise[off + j] * NOISE_UNIT) : rintf(x);          \
+                const float clamped = y > 127.0f ? 127.0f : (y < -127.0f ? -127.0f : y);                            \
+                q_[i + j] = (int8_t)(fabsf(y) <= FLT_MAX ? clamped : 0.0f); /* NaN or Inf: code 0 */               \
+            }                                                                                                       \
+            s_[si] = scale;                                                                                         \
+            i += len, col += len;                                                                                   \
+            if (col == row) col = 0, r++;                                                                           \
+        }                                                                                                           \
+    }
+
+#define Q8_SEGS_G(P, SR, QSR) LION_INT8_SEGMENT(P, 0, SR, QSR) LION_INT8_SEGMENT(P, 1, SR, QSR) LION_INT8_SEGMENT(P, 2, SR, QSR)
+#define Q8_SEGS_Q(P, SR) Q8_SEGS_G(P, SR, 0) Q8_SEGS_G(P, SR, 1)
+Q8_SEGS_Q(0, 0)
+Q8_SEGS_Q(1, 0)
+Q8_SEGS_Q(2, 0)
+Q8_SEGS_Q(1, 1)
+
+typedef void (*q8_fn)(const q8_tensor *, int64_t, int64_t, const lion_hp *);
+
+/* [stochastic rounding of bf16 params][stochastic requantization][param | grad << 2] */
+#define Q8_ENTRY(P, G, SR, QSR) [(P) | (G) << 2] = q8_##P##_##G##_##SR##_##QSR
+#define Q8_ENTRIES_G(P, SR, QSR) Q8_ENTRY(P, 0, SR, QSR), Q8_ENTRY(P, 1, SR, QSR), Q8_ENTRY(P, 2, SR, QSR)
+#define Q8_ENTRIES(SR, QSR) {Q8_ENTRIES_G(0, 0, QSR), Q8_ENTRIES_G(1, SR, QSR), Q8_ENTRIES_G(2, 0, QSR)}
+static const q8_fn Q8_SEGMENTS[2][2][16] = {
+    {Q8_ENTRIES(0, 0), Q8_ENTRIES(0, 1)},
+    {Q8_ENTRIES(1, 0), Q8_ENTRIES(1, 1)},
+};
+
 /* ------------------------------------------------------------------ splitting the work over threads */
 
 typedef struct task task;
@@ -181,14 +308,19 @@ typedef void (*range_fn)(const task *t, int64_t tensor, int64_t i0, int64_t i1);
 
 struct task {
     int64_t n_tensors;
-    const int64_t *p_ptrs, *g_ptrs, *m_ptrs; /* param, grad, momentum of each tensor */
+    const int64_t *p_ptrs, *g_ptrs, *m_ptrs; /* param, grad, momentum (int8: codes) of each tensor */
     const int64_t *offsets;                  /* n_tensors + 1 prefix sums of the element counts */
     const uint8_t *codes;
     range_fn fn;
     const lion_hp *hp;
-    const int64_t *streams; /* per tensor: param id, base, shard (int64 each); NULL: round to nearest */
+    const int64_t *streams; /* per tensor: param id, base, shard (int8: and the momentum's shard); NULL: nearest */
     uint32_t k0, k1;
     uint8_t *flags;
+    /* int8 momentum only: */
+    const int64_t *s_ptrs; /* the scales of each tensor */
+    const int64_t *blocks; /* per tensor: elements per row (its last dim), elements per scale; NULL: float momentum */
+    int param_sr, quant_sr; /* stochastic rounding of bf16 params (key k0, k1), of the codes (key qk0, qk1) */
+    uint32_t qk0, qk1;
 };
 
 /* The tensor holding element `e` of the concatenation (offsets[k] <= e < offsets[k + 1]). */
@@ -215,12 +347,18 @@ static void run_range(const task *t, int64_t start, int64_t end) {
     }
 }
 
-/* Split point near element `e`, moved down to a multiple of ALIGN_ELEMS inside its tensor. */
+/* Split point near element `e`, moved down to a multiple of ALIGN_ELEMS inside its tensor (int8 momentum: to the
+ * start of its quantization block, so that a thread owns whole blocks). */
 static int64_t aligned_split(const task *t, int64_t e) {
     int64_t total = t->offsets[t->n_tensors];
     if (e >= total) return total;
     int64_t k = tensor_of(t, e);
-    return t->offsets[k] + ((e - t->offsets[k]) / ALIGN_ELEMS) * ALIGN_ELEMS;
+    int64_t i = e - t->offsets[k];
+    if (t->blocks != NULL) {
+        const int64_t row = t->blocks[2 * k], block = t->blocks[2 * k + 1], col = i % row;
+        return t->offsets[k] + (i - col) + (col / block) * block;
+    }
+    return t->offsets[k] + (i / ALIGN_ELEMS) * ALIGN_ELEMS;
 }
 
 /* Work shared by the threads of one call: CHUNKS_PER_THREAD chunks per thread, taken from a counter, so a
@@ -297,7 +435,45 @@ void lion_step(int64_t n_tensors, const int64_t *p_ptrs, const int64_t *g_ptrs, 
                const int64_t *offsets, const uint8_t *codes, const double *hp_values, const int64_t *streams,
                uint32_t k0, uint32_t k1, int nthreads) {
     lion_hp hp = {hp_values[0], hp_values[1], hp_values[2], hp_values[3], hp_values[4], hp_values[5]};
-    task t = {n_tensors, p_ptrs, g_ptrs, m_ptrs, offsets, codes, lion_range, &hp, streams, k0, k1, NULL};
+    task t = {.n_tensors = n_tensors, .p_ptrs = p_ptrs, .g_ptrs = g_ptrs, .m_ptrs = m_ptrs, .offsets = offsets,
+              .codes = codes, .fn = lion_range, .hp = &hp, .streams = streams, .k0 = k0, .k1 = k1};
+    if (n_tensors > 0) run_parallel(&t, nthreads);
+}
+
+static void int8_range(const task *t, int64_t k, int64_t i0, int64_t i1) {
+    const int64_t *stream = t->streams + 4 * k;
+    const q8_tensor a = {
+        .p = (void *)t->p_ptrs[k],
+        .g = (const void *)t->g_ptrs[k],
+        .q = (int8_t *)t->m_ptrs[k],
+        .s = (float *)t->s_ptrs[k],
+        .row = t->blocks[2 * k],
+        .block = t->blocks[2 * k + 1],
+        .ns = {t->k0, t->k1, (uint32_t)stream[0], (uint32_t)stream[2], stream[1]},
+        .qs = {t->qk0, t->qk1, (uint32_t)stream[0], (uint32_t)stream[3], stream[1]},
+    };
+    Q8_SEGMENTS[t->param_sr != 0][t->quant_sr != 0][t->codes[k] & 15](&a, i0, i1, t->hp);
+}
+
+/* The largest block lion_step_int8 takes, and whether dtype code `code` (param | grad << 2) has a loop. */
+int lion_int8_max_block(void) { return MAX_INT8_BLOCK; }
+int lion_int8_supports(int code) { return code >= 0 && code < 16 && Q8_SEGMENTS[0][0][code] != NULL; }
+
+/* One Lion step over n_tensors tensors with int8 momentum: q_ptrs and s_ptrs their codes (int8, numel elements)
+ * and scales (fp32, one per block of each row, rows * ceil(row / block)); blocks: per tensor, the row length
+ * (the last dim; 1-D tensors are one row) and the block, 1 <= block <= MAX_INT8_BLOCK; codes: param | grad << 2;
+ * hp as lion_step; streams: per tensor, param id, base, shard and the momentum's shard (the param's with
+ * spec.MOMENTUM_STREAM); param_sr: stochastic rounding of bf16 params with key (k0, k1); quant_sr: stochastic
+ * requantization with key (qk0, qk1), else to nearest. Any thread count gives the same result. */
+void lion_step_int8(int64_t n_tensors, const int64_t *p_ptrs, const int64_t *g_ptrs, const int64_t *q_ptrs,
+                    const int64_t *s_ptrs, const int64_t *offsets, const uint8_t *codes, const int64_t *blocks,
+                    const double *hp_values, const int64_t *streams, int param_sr, uint32_t k0, uint32_t k1,
+                    int quant_sr, uint32_t qk0, uint32_t qk1, int nthreads) {
+    lion_hp hp = {hp_values[0], hp_values[1], hp_values[2], hp_values[3], hp_values[4], hp_values[5]};
+    task t = {.n_tensors = n_tensors, .p_ptrs = p_ptrs, .g_ptrs = g_ptrs, .m_ptrs = q_ptrs, .offsets = offsets,
+              .codes = codes, .fn = int8_range, .hp = &hp, .streams = streams, .k0 = k0, .k1 = k1,
+              .s_ptrs = s_ptrs, .blocks = blocks, .param_sr = param_sr, .quant_sr = quant_sr, .qk0 = qk0,
+              .qk1 = qk1};
     if (n_tensors > 0) run_parallel(&t, nthreads);
 }
 
@@ -319,6 +495,7 @@ void lion_nonfinite(int64_t n_tensors, const int64_t *ptrs, const int64_t *numel
                     uint8_t *flags, int nthreads, int64_t *offsets_scratch) {
     offsets_scratch[0] = 0;
     for (int64_t k = 0; k < n_tensors; k++) offsets_scratch[k + 1] = offsets_scratch[k] + numels[k];
-    task t = {n_tensors, ptrs, NULL, NULL, offsets_scratch, codes, nonfinite_range, NULL, NULL, 0, 0, flags};
+    task t = {.n_tensors = n_tensors, .p_ptrs = ptrs, .offsets = offsets_scratch, .codes = codes,
+              .fn = nonfinite_range, .flags = flags};
     if (n_tensors > 0) run_parallel(&t, nthreads);
 }

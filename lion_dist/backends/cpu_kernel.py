@@ -12,6 +12,9 @@ Results equal `spec.lion_reference` bit for bit (same math dtype, same roundings
 params included (the spec's Philox noise, reproducible for any thread count). Params, grads and momentum may
 each be fp32, bf16 or fp16 (fp32 math), or all three fp64 (fp64 math); the backend declaration in
 `lion_dist.backends` sends every other combination, and non-contiguous params or momenta, to another backend.
+int8 momentum (an `Entry` with `scales`: codes and per-block fp32 scales) runs in a second loop of the same
+library, `lion_step_int8`, equal to `spec.lion_reference_int8` bit for bit, stochastic requantization included;
+a plan may mix both kinds (one C call each).
 Threads: `torch.get_num_threads()` of torch's own OpenMP pool (the library links to the OpenMP runtime torch
 loaded, see `openmp_runtime()`), else as many pthreads.
 
@@ -43,10 +46,10 @@ import torch
 from torch import Tensor
 
 from lion_dist.backends import FUSED_TRIPLES, Backend, Entry, refuse_overlaps
-from lion_dist.spec import DeviceKey, LionHyperparams, key_value
+from lion_dist.spec import MOMENTUM_STREAM, DeviceKey, LionHyperparams, int8_scale_shape, key_value
 
 SOURCE = Path(__file__).with_name("_cpu_kernel.c")
-ABI_VERSION = 5
+ABI_VERSION = 6
 # -ffp-contract=off: no fma the reference does not have; -funroll-loops: more loads in flight, a faster step.
 _FLAGS = ("-O3", "-funroll-loops", "-ffp-contract=off", "-fno-math-errno", "-fPIC", "-shared", "-pthread")
 _NATIVE = ("-march=native",)
@@ -58,6 +61,9 @@ _CODES = {
     for triple in FUSED_TRIPLES
 }
 _MASK32 = 0xFFFFFFFF
+INT8_MAX_BLOCK = 4096  # the C loop's per-block stack buffers (MAX_INT8_BLOCK)
+# dtype code of an int8-momentum entry: param | grad << 2
+_INT8_CODES = {(p, g): _DTYPE_CODE[p] | _DTYPE_CODE[g] << 2 for (p, g, _) in FUSED_TRIPLES if p != torch.float64}
 
 
 class CpuKernelUnavailableError(RuntimeError):
@@ -194,9 +200,15 @@ def _load(path: Path) -> ctypes.CDLL:
     lib.lion_supports.argtypes = [i32]
     lib.lion_nonfinite.argtypes = [i64, vp, vp, vp, vp, i32, vp]
     lib.lion_nonfinite.restype = None
+    lib.lion_step_int8.argtypes = [i64, vp, vp, vp, vp, vp, vp, vp, vp, vp, i32, u32, u32, i32, u32, u32, i32]
+    lib.lion_step_int8.restype = None
+    lib.lion_int8_supports.argtypes = [i32]
     missing = [triple for triple, code in _CODES.items() if not lib.lion_supports(code)]
+    missing += [(*pair, torch.int8) for pair, code in _INT8_CODES.items() if not lib.lion_int8_supports(code)]
     if missing:
         raise CpuKernelUnavailableError(f"{path} has no loop for dtype triples {missing}")
+    if lib.lion_int8_max_block() != INT8_MAX_BLOCK:
+        raise CpuKernelUnavailableError(f"{path} takes int8 blocks up to {lib.lion_int8_max_block()}")
     return lib
 
 
@@ -266,25 +278,90 @@ _data_ptr = Tensor.data_ptr
 
 @dataclass
 class _Prepared:
-    """The static table of one plan: what the kernel reads besides the gradients' addresses."""
+    """The static table of one plan: what the kernel reads besides the gradients' addresses.
+
+    The float-momentum entries; `int8` holds those with int8 momentum (None when there are none). `float_index`
+    lists the entries (positions in `grads`) this table holds, None when it holds all of them.
+    """
 
     p_ptrs: array
     m_ptrs: array
     offsets: array  # n + 1 prefix sums of the element counts
     codes: array
     streams: array  # per tensor: param id, base, shard (stochastic rounding)
+    int8: _Int8Table | None = None
+    float_index: list[int] | None = None
+
+
+@dataclass
+class _Int8Table:
+    """The int8-momentum entries of a plan, for `lion_step_int8`: one element of these tables per tensor."""
+
+    p_ptrs: array
+    q_ptrs: array  # the codes (int8, the param's shape)
+    s_ptrs: array  # the scales (fp32, `spec.int8_scale_shape`)
+    offsets: array  # n + 1 prefix sums of the element counts
+    codes: array  # param | grad << 2
+    blocks: array  # per tensor: row length (the last dim), elements per scale
+    streams: array  # per tensor: param id, base, shard, shard | MOMENTUM_STREAM
+    index: list[int]  # positions in the entry list (and in `grads`)
+
+
+def _int8_entry_error(i: int, e: Entry) -> str | None:
+    """Why int8-momentum entry `i` cannot run in the kernel (None: it can)."""
+    p, q, s = e.param, e.exp_avg, e.scales
+    if (p.dtype, e.grad_dtype) not in _INT8_CODES or q.dtype != torch.int8 or s.dtype != torch.float32:
+        return (
+            f"with int8 momentum the param and grad must be fp32, bf16 or fp16 and the codes int8, the scales fp32; "
+            f"got param {p.dtype}, grad {e.grad_dtype}, codes {q.dtype}, scales {s.dtype}"
+        )
+    if not all(t.is_cpu and t.is_contiguous() for t in (p, q, s)):
+        return (
+            f"param, codes and scales must be contiguous CPU tensors, got param on {p.device} (contiguous: "
+            f"{p.is_contiguous()}), codes on {q.device} ({q.is_contiguous()}), scales on {s.device} "
+            f"({s.is_contiguous()})"
+        )
+    if not 1 <= e.block <= INT8_MAX_BLOCK:
+        return f"int8 blocks of 1 to {INT8_MAX_BLOCK} elements only (a stack buffer per block), got block={e.block}"
+    if q.numel() != p.numel() or tuple(s.shape) != int8_scale_shape(p.shape, e.block):
+        return (
+            f"param {tuple(p.shape)} needs codes of {p.numel()} elements and scales of shape "
+            f"{int8_scale_shape(p.shape, e.block)} (block {e.block}), got {q.numel()} and {tuple(s.shape)}"
+        )
+    return None
 
 
 class CpuFusedBackend(Backend):
     name = "cpu_fused"
 
     def prepare(self, entries: Sequence[Entry]) -> _Prepared:
-        """Check and tabulate contiguous CPU tensors with a dtype triple the kernel has (the declaration's)."""
+        """Check and tabulate contiguous CPU tensors with a dtype triple the kernel has (the declaration's);
+        entries with int8 momentum (`Entry.scales`) go to a second table."""
         _require()
-        refuse_overlaps([(e.param, e.exp_avg) for e in entries])  # threads would race on shared memory
+        pairs = [(e.param, e.exp_avg) for e in entries]
+        scales = [(e.scales, _NO_TENSOR) for e in entries if e.scales is not None]
+        names = [f"tensor {i}" for i in range(len(entries))]
+        names += [f"tensor {i} (its scales)" for i, e in enumerate(entries) if e.scales is not None]
+        refuse_overlaps(pairs + scales, names)  # threads would race on shared memory
         table = _Prepared(array("q"), array("q"), array("q", [0]), array("B"), array("q"))
+        float_index: list[int] = []
+        int8 = _Int8Table(array("q"), array("q"), array("q"), array("q", [0]), array("B"), array("q"), array("q"), [])
         for i, e in enumerate(entries):
             p, m = e.param, e.exp_avg
+            if e.scales is not None:
+                if (why := _int8_entry_error(i, e)) is not None:
+                    raise ValueError(f"lion_cpu_fused: tensor {i} ({tuple(p.shape)}): {why}")
+                if p.numel():
+                    int8.p_ptrs.append(p.data_ptr())
+                    int8.q_ptrs.append(m.data_ptr())
+                    int8.s_ptrs.append(e.scales.data_ptr())
+                    int8.offsets.append(int8.offsets[-1] + p.numel())
+                    int8.codes.append(_INT8_CODES[p.dtype, e.grad_dtype])
+                    int8.blocks.extend((p.shape[-1] if p.dim() else 1, e.block))
+                    int8.streams.extend((e.param_id, e.base, e.shard, e.shard | MOMENTUM_STREAM))
+                    int8.index.append(i)
+                continue
+            float_index.append(i)
             code = _CODES.get((p.dtype, e.grad_dtype, m.dtype))
             if code is None or not (p.is_cpu and m.is_cpu and p.is_contiguous() and m.is_contiguous()):
                 raise ValueError(
@@ -300,6 +377,10 @@ class CpuFusedBackend(Backend):
             table.offsets.append(table.offsets[-1] + p.numel())
             table.codes.append(code)
             table.streams.extend((e.param_id, e.base, e.shard))
+        if int8.index:
+            table.int8 = int8
+        if len(float_index) != len(entries):
+            table.float_index = float_index
         return table
 
     def step(
@@ -311,18 +392,49 @@ class CpuFusedBackend(Backend):
         skip: Tensor | None = None,
         sr_key: int | DeviceKey | None = None,
         means: Sequence[Tensor] | None = None,
+        quant_key: int | DeviceKey | None = None,
     ) -> None:
-        """One call for all tensors; `grads` must be contiguous CPU tensors of the prepared dtypes and sizes."""
+        """One call for all tensors (two when float and int8 momenta mix); `grads` must be contiguous CPU tensors
+        of the prepared dtypes and sizes."""
         if skip is not None and bool(skip):
             return
         n = len(prepared.codes)
-        if not n:
+        int8 = prepared.int8
+        if not n and int8 is None:
             return
-        g_ptrs = array("q", map(_data_ptr, grads))
+        if prepared.float_index is None:
+            g_ptrs = array("q", map(_data_ptr, grads))
+        else:  # float and int8 momenta (or empty int8 ones) in one plan: each table takes its own grads
+            all_ptrs = list(map(_data_ptr, grads))
+            g_ptrs = array("q", [all_ptrs[i] for i in prepared.float_index])
         sign = -1.0 if hp.maximize else 1.0  # maximize: fma(-g, b, x) == fma(g, -b, x) exactly
         decay = hp.decay if hp.weight_decay != 0 else 1.0
         values = array("d", [hp.beta1, sign * (1 - hp.beta1), hp.beta2, sign * (1 - hp.beta2), -hp.lr_value, decay])
         key = key_value(sr_key) or 0
+        if int8 is not None:
+            qkey = key_value(quant_key) or 0
+            int8_g_ptrs = array("q", [all_ptrs[i] for i in int8.index])
+            _require().lion_step_int8(
+                len(int8.index),
+                _address(int8.p_ptrs),
+                _address(int8_g_ptrs),
+                _address(int8.q_ptrs),
+                _address(int8.s_ptrs),
+                _address(int8.offsets),
+                _address(int8.codes),
+                _address(int8.blocks),
+                _address(values),
+                _address(int8.streams),
+                sr_key is not None,
+                key & _MASK32,
+                (key >> 32) & _MASK32,
+                quant_key is not None,
+                qkey & _MASK32,
+                (qkey >> 32) & _MASK32,
+                torch.get_num_threads(),
+            )
+            if not n:
+                return
         _require().lion_step(
             n,
             _address(prepared.p_ptrs),
@@ -339,6 +451,7 @@ class CpuFusedBackend(Backend):
 
 
 BACKEND = CpuFusedBackend()
+_NO_TENSOR = torch.empty(0)  # refuse_overlaps skips it: pairs each scales tensor with nothing
 
 
 def lion_cpu_fused(

@@ -1,9 +1,10 @@
 """The foreach backend: the spec's math with torch's multi-tensor `torch._foreach_*` ops, on any device.
 
 Equal to `spec.lion_reference` bit for bit (same math dtype, same roundings), for every float dtype, strided
-tensors, cautious Lion and stochastic rounding; it reads and writes each tensor several times, which the fused
-backends avoid. Tensors are bucketed once per plan by device and (param, grad, momentum) dtypes, since each
-foreach call takes one dtype.
+tensors, cautious Lion, stochastic rounding, Kahan compensation and int8 momentum (dequantized into fp32
+temporaries, stepped, requantized: `spec.lion_reference_int8`); it reads and writes each tensor several times,
+which the fused backends avoid. Tensors are bucketed once per plan by device and (param, grad, momentum) dtypes,
+since each foreach call takes one dtype.
 """
 
 from __future__ import annotations
@@ -57,6 +58,8 @@ def _apply(
     """`p <- p * (1 - lr * wd) - lr * u` for the directions `u` (in the math dtype), written back in place."""
     params = [e.param for e in entries]
     p = _to(params, directions[0].dtype)  # params already in the math dtype are updated in place
+    if entries[0].compensation is not None:  # a bucket is all compensated or none (bf16/fp16: p is a copy)
+        torch._foreach_add_(p, _to([e.compensation for e in entries], directions[0].dtype))
     if hp.weight_decay != 0:
         if hp.cautious_wd:
             for pi, u in zip(p, directions, strict=True):
@@ -66,7 +69,7 @@ def _apply(
     torch._foreach_add_(p, list(directions), alpha=-hp.lr_value)
     if p[0] is not params[0]:
         for entry, value in zip(entries, p, strict=True):
-            spec.write_back(entry.param, value, entry.noise(sr_key))
+            spec.write_back(entry.param, value, entry.noise(sr_key), entry.compensation)
 
 
 class ForeachBackend(Backend):
@@ -75,7 +78,8 @@ class ForeachBackend(Backend):
     def prepare(self, entries: Sequence[Entry]) -> _Prepared:
         buckets: dict[tuple, list[int]] = defaultdict(list)
         for i, e in enumerate(entries):
-            buckets[(e.param.device, e.param.dtype, e.grad_dtype, e.exp_avg.dtype)].append(i)
+            kind = (e.param.device, e.param.dtype, e.grad_dtype, e.exp_avg.dtype, e.compensation is not None)
+            buckets[kind].append(i)
         return _Prepared(list(entries), list(buckets.values()))
 
     def step(
@@ -87,15 +91,19 @@ class ForeachBackend(Backend):
         skip: Tensor | None = None,
         sr_key: int | DeviceKey | None = None,
         means: Sequence[Tensor] | None = None,
+        quant_key: int | DeviceKey | None = None,
     ) -> None:
         if skip is not None and bool(skip):
             return
         for index in prepared.buckets:
-            entries = [prepared.entries[i] for i in index]
+            quantized = [prepared.entries[i] for i in index]
+            entries = _dequantized(quantized)
             u, g = _directions(entries, [grads[i] for i in index], hp)
             if hp.cautious_factor is not None:
                 u = _cautious(u, g, hp, None if means is None else [means[i] for i in index])
             _apply(entries, u, hp, sr_key)
+            if entries is not quantized:
+                _requantize(quantized, entries, quant_key)
 
     def direction(self, prepared: _Prepared, grads: Sequence[Tensor], hp: LionHyperparams) -> list[Tensor]:
         result: list[Tensor] = list(grads)  # replaced entry by entry
@@ -110,6 +118,23 @@ class ForeachBackend(Backend):
     ) -> None:
         for index in prepared.buckets:
             _apply([prepared.entries[i] for i in index], [directions[i] for i in index], hp, sr_key)
+
+
+def _dequantized(entries: list[Entry]) -> list[Entry]:
+    """A bucket of int8-momentum entries with fp32 momenta in place of the codes (the entries themselves when
+    their momenta are float): the step then runs as for fp32 momenta, and `_requantize` stores the result."""
+    if entries[0].scales is None:
+        return entries
+    return [e._replace(exp_avg=spec.dequantize_momentum(e.exp_avg, e.scales, e.block)) for e in entries]
+
+
+def _requantize(quantized: list[Entry], stepped: list[Entry], quant_key: int | DeviceKey | None) -> None:
+    for e, done in zip(quantized, stepped, strict=True):
+        stream = e.momentum_noise(quant_key)
+        noise = None if stream is None else spec.sr_noise(stream, e.exp_avg.numel(), e.exp_avg.device)
+        codes, scales = spec.quantize_momentum(done.exp_avg, e.block, noise)
+        e.exp_avg.copy_(codes)
+        e.scales.copy_(scales)
 
 
 def _cautious(u: list[Tensor], g: list[Tensor], hp: LionHyperparams, means: Sequence[Tensor] | None) -> list[Tensor]:

@@ -1,4 +1,7 @@
-"""The reference backend: `spec.lion_reference`, one tensor at a time. Slow and plain; what the tests trust."""
+"""The reference backend: `spec.lion_reference` (`lion_reference_int8` for int8 momentum), one tensor at a time.
+
+Slow and plain; what the tests trust.
+"""
 
 from __future__ import annotations
 
@@ -23,12 +26,28 @@ class ReferenceBackend(Backend):
         skip: Tensor | None = None,
         sr_key: int | DeviceKey | None = None,
         means: Sequence[Tensor] | None = None,
+        quant_key: int | DeviceKey | None = None,
     ) -> None:
         if skip is not None and bool(skip):
             return
-        for i, (entry, grad) in enumerate(zip(prepared, grads, strict=True)):
+        for i, (e, grad) in enumerate(zip(prepared, grads, strict=True)):
             mean = None if means is None else means[i]
-            spec.lion_reference(entry.param, grad, entry.exp_avg, hp, mean=mean, noise=entry.noise(sr_key))
+            noise = e.noise(sr_key)
+            if e.scales is None:
+                spec.lion_reference(e.param, grad, e.exp_avg, hp, mean=mean, noise=noise, compensation=e.compensation)
+            else:
+                spec.lion_reference_int8(
+                    e.param,
+                    grad,
+                    e.exp_avg,
+                    e.scales,
+                    hp,
+                    e.block,
+                    mean=mean,
+                    noise=noise,
+                    momentum_noise=e.momentum_noise(quant_key),
+                    compensation=e.compensation,
+                )
 
     def direction(self, prepared: list[Entry], grads: Sequence[Tensor], hp: LionHyperparams) -> list[Tensor]:
         return [
@@ -40,7 +59,7 @@ class ReferenceBackend(Backend):
         self, prepared: list[Entry], directions: Sequence[Tensor], hp: LionHyperparams, sr_key: int | DeviceKey | None
     ) -> None:
         for entry, u in zip(prepared, directions, strict=True):
-            spec.apply_direction(entry.param, u, hp, entry.noise(sr_key))
+            spec.apply_direction(entry.param, u, hp, entry.noise(sr_key), entry.compensation)
 
 
 BACKEND = ReferenceBackend()

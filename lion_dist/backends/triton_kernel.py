@@ -30,6 +30,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import itertools
+import math
 import struct
 from array import array
 from collections.abc import Sequence
@@ -43,7 +44,7 @@ from torch import Tensor
 from triton.runtime.jit import JITFunction
 
 from lion_dist.backends import FUSED_TRIPLES, Backend, Entry, refuse_overlaps
-from lion_dist.spec import DeviceKey, LionHyperparams
+from lion_dist.spec import INT8_MAX_CODE, MOMENTUM_STREAM, DeviceKey, LionHyperparams, int8_scale_shape
 
 PARAM_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 _CODE = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2, torch.float64: 3}  # 2 bits per operand
@@ -65,6 +66,21 @@ SCALARS = (
 RUNTIME_ARGS = (*(f"{name}_{half}" for name in SCALARS for half in ("lo", "hi")), "flags")
 LR_VALUE, LR_FP32_TENSOR, LR_FP64_TENSOR = 0, 1, 2  # flags & 3: where lr comes from
 KEY_FROM_STEP = 4  # flags & 4: the key is (key + the int64 at step_address) mod 2**62 (spec.DeviceKey)
+
+# The int8-momentum kernel: the same scalars, then the requantization key and its device step count.
+INT8_SCALARS = (*SCALARS, "quant_key", "quant_step_address")
+INT8_RUNTIME_ARGS = (*(f"{name}_{half}" for name in INT8_SCALARS for half in ("lo", "hi")), "flags")
+QUANT_KEY_FROM_STEP = 8  # flags & 8: the quant key is (quant_key + the int64 at quant_step_address) mod 2**62
+PARAM_SR = 16  # flags & 16: bf16 params round stochastically (an sr_key was given)
+QUANT_SR = 32  # flags & 32: the momentum is requantized stochastically (a quant_key was given)
+INT8_MAX_BLOCK = 1024  # elements per scale that the int8 kernel takes (any block up to this, padded to a power of 2)
+_INT8_TILE = 2048  # elements per program: ROWS momentum blocks of BLOCK (padded) elements, on 8 warps
+_INT8_WARPS = 8
+_INT8_BLOCKS = tuple(1 << k for k in range(4, 11))  # BLOCK (padded block): 16 .. 1024
+# int64 per tensor in the int8 layout: row length, block, blocks per row, blocks, first program, param id, base,
+# shard, the momentum noise's shard (shard | MOMENTUM_STREAM), dtype code (param | grad << 2), noise by eights
+_INT8_LAYOUT = tl.constexpr(11)
+_MAX_CODE = tl.constexpr(float(INT8_MAX_CODE))
 
 
 @triton.jit
@@ -292,6 +308,180 @@ def _lion_kernel(
             _lion_block(addresses, codes, offs, offs < numel, first, hp, ALIGNED, DTYPES, STOCHASTIC)
 
 
+@triton.jit
+def _noise_rows(first, eights, key, param_id, shard, ROWS: tl.constexpr, BLOCK: tl.constexpr):
+    """`_sr_noise` for ROWS runs of BLOCK elements at once, run i starting at element index first[i]: one Philox
+    call per 8 elements when every first[i] is a multiple of 8 (`eights`), else one per element; the same bits."""
+    if eights:
+        q = first[:, None] // 8 + tl.arange(0, BLOCK // 8)[None, :].to(tl.int64)
+        r0, r1, r2, r3 = _philox_words(q, key, param_id, shard)
+        words = tl.join(tl.join(r0, r2), tl.join(r1, r3))  # [i, j, k, l] = word 2k + l of counter j of run i
+        halves = tl.join(words & 0xFFFF, words >> 16)  # [i, j, k, l, h]: element 8j + 2 (2k + l) + h of run i
+        noise = tl.reshape(halves, (ROWS, BLOCK)).to(tl.int32)
+    else:
+        e = first[:, None] + tl.arange(0, BLOCK)[None, :].to(tl.int64)
+        s0, s1, s2, s3 = _philox_words(e >> 3, key, param_id, shard)  # names of their own: other shapes
+        w = (e & 7) >> 1
+        word = tl.where(w == 0, s0, tl.where(w == 1, s1, tl.where(w == 2, s2, s3)))
+        noise = ((word >> ((e & 1) * 16).to(tl.uint32)) & 0xFFFF).to(tl.int32)
+    return noise
+
+
+@triton.jit
+def _rint(x):
+    """fp32 x rounded to the nearest integer, ties to even, exactly for |x| < 2**22 (|x| <= 255 here); NaN and
+    Inf stay themselves. Plain adds, on every target (no libdevice, whose rounding functions flush denormals)."""
+    return (x + 12582912.0) - 12582912.0  # 1.5 * 2**23: the sum's ulp is 1, its last bit x's parity
+
+
+@triton.jit
+def _floor(x):
+    """fp32 floor, exactly for |x| < 2**22, denormals included (libdevice's floorf flushes -1e-40 to -0, not -1)."""
+    r = _rint(x)
+    return tl.where(r > x, r - 1.0, r)
+
+
+@triton.jit
+def _key(key_lo, key_hi, step_address_lo, step_address_hi, from_step):
+    """A Philox key from its halves; `from_step`: plus the int64 step count at step_address, mod 2**62."""
+    key = _int64(key_lo, key_hi)
+    if from_step:
+        key = (key + tl.load(_int64(step_address_lo, step_address_hi).to(tl.pointer_type(tl.int64)))) & ((1 << 62) - 1)
+    return key
+
+
+@triton.jit(do_not_specialize=INT8_RUNTIME_ARGS)
+def _lion_int8_kernel(
+    pcs_ptrs,
+    g_ptrs,
+    layout,
+    program_tensor,
+    skip,
+    lr_lo,
+    lr_hi,
+    lr_address_lo,
+    lr_address_hi,
+    beta1_lo,
+    beta1_hi,
+    one_minus_beta1_lo,
+    one_minus_beta1_hi,
+    beta2_lo,
+    beta2_hi,
+    one_minus_beta2_lo,
+    one_minus_beta2_hi,
+    weight_decay_lo,
+    weight_decay_hi,
+    key_lo,
+    key_hi,
+    step_address_lo,
+    step_address_hi,
+    quant_key_lo,
+    quant_key_hi,
+    quant_step_address_lo,
+    quant_step_address_hi,
+    flags,
+    DTYPES: tl.constexpr,
+    BLOCK: tl.constexpr,
+    ROWS: tl.constexpr,
+    ALIGNED: tl.constexpr,
+    STOCHASTIC: tl.constexpr,
+):
+    """Lion with int8 momentum: one program per ROWS consecutive momentum blocks of one tensor, a tile
+    [ROWS, BLOCK] (BLOCK: the block padded to a power of two, masked), `spec.lion_reference_int8` per block.
+
+    `pcs_ptrs` holds (param, codes, scales) addresses per tensor, `g_ptrs` this step's gradient addresses,
+    `layout` `_INT8_LAYOUT` int64 per tensor, `program_tensor` the tensor of each program. Dequantize
+    (`code * scale`), the Lion math of `_lion_block` in fp32, then per block `scale = absmax / 127` (NaN if the
+    block holds a NaN), `x = m / scale` (both correctly rounded), `q = rint(x)` (flags & QUANT_SR: `floor(x +
+    noise / 2**16)`, the momentum stream's Philox noise), 0 where not finite, else clamped to [-127, 127].
+    `skip`, lr and the keys as in `_lion_kernel` (flags & 8: the quant key counts the step at
+    quant_step_address); flags & PARAM_SR: bf16 params round stochastically.
+    """
+    if tl.load(skip) == 0:
+        pid = tl.program_id(0)
+        t = tl.load(program_tensor + pid)
+        row = layout + _INT8_LAYOUT * t
+        n = tl.load(row)  # row length
+        block = tl.load(row + 1)
+        per_row = tl.load(row + 2)
+        n_blocks = tl.load(row + 3)
+        b = (pid - tl.load(row + 4)).to(tl.int64) * ROWS + tl.arange(0, ROWS).to(tl.int64)  # the tile's blocks
+        valid = b < n_blocks
+        r = b // per_row
+        j = b - r * per_row
+        start = r * n + j * block  # of each block, in the tensor
+        limit = tl.where(valid, tl.minimum(block, n - j * block), 0)  # its length (short at a row's end)
+        if ALIGNED:  # every row length and the block are multiples of 16: vector accesses, masks by 16s
+            start = tl.multiple_of(start, 16)
+            limit = tl.multiple_of(limit, 16)
+        k = tl.arange(0, BLOCK)
+        offs = start[:, None] + k[None, :]
+        mask = k[None, :] < limit[:, None]
+        code = tl.load(row + 9)
+        p_code = code & 3
+        g_code = (code >> 2) & 3
+        p_address = tl.load(pcs_ptrs + 3 * t)
+        c_address = tl.load(pcs_ptrs + 3 * t + 1)
+        scales = tl.load(pcs_ptrs + 3 * t + 2).to(tl.pointer_type(tl.float32))
+        g_address = tl.load(g_ptrs + t)
+
+        lr_kind = flags & 3
+        if lr_kind == 0:
+            lr64 = _float64(lr_lo, lr_hi)
+        elif lr_kind == 1:
+            lr64 = tl.load(_int64(lr_address_lo, lr_address_hi).to(tl.pointer_type(tl.float32))).to(tl.float64)
+        else:
+            lr64 = tl.load(_int64(lr_address_lo, lr_address_hi).to(tl.pointer_type(tl.float64)))
+        decay = (1.0 - lr64 * _float64(weight_decay_lo, weight_decay_hi)).to(tl.float32)  # in double, as lion-pytorch
+        lr = lr64.to(tl.float32)
+        beta1 = _float64(beta1_lo, beta1_hi).to(tl.float32)
+        one_minus_beta1 = _float64(one_minus_beta1_lo, one_minus_beta1_hi).to(tl.float32)
+        beta2 = _float64(beta2_lo, beta2_hi).to(tl.float32)
+        one_minus_beta2 = _float64(one_minus_beta2_lo, one_minus_beta2_hi).to(tl.float32)
+
+        p = _load(p_address, p_code, offs, mask, ALIGNED, DTYPES)
+        g = _load(g_address, g_code, offs, mask, ALIGNED, DTYPES)
+        scale = tl.load(scales + b, mask=valid, other=0.0)
+        m = tl.load(_address(c_address, tl.int8, ALIGNED) + offs, mask=mask, other=0).to(tl.float32) * scale[:, None]
+        c = tl.fma(g, one_minus_beta1, m * beta1)  # maximize: the host negated 1 - b1 and 1 - b2
+        u = tl.where(c > 0, 1.0, tl.where(c < 0, -1.0, 0.0)).to(tl.float32) + c * 0.0
+        p = tl.fma(u, -lr, p * decay)
+        m = tl.fma(g, one_minus_beta2, m * beta2)
+
+        first = tl.load(row + 6) + start  # the element index of each block's first element in the whole param
+        eights = tl.load(row + 10)
+        param_id = tl.load(row + 5).to(tl.uint32)
+        if DTYPES == 1:
+            p_noise = _nearest(p)
+            if STOCHASTIC:  # noqa: SIM102 (a constexpr test: only the stochastic kernel has Philox code)
+                if flags & 16:  # noqa: SIM102 (PARAM_SR; Triton: one runtime condition per if)
+                    if p_code == 1:
+                        key = _key(key_lo, key_hi, step_address_lo, step_address_hi, flags & 4)
+                        p_noise = _noise_rows(first, eights, key, param_id, tl.load(row + 7).to(tl.uint32), ROWS, BLOCK)
+            _store(p_address, p_code, offs, mask, p, p_noise, ALIGNED, DTYPES)
+        else:
+            _store(p_address, p_code, offs, mask, p, 0, ALIGNED, DTYPES)
+
+        absmax = tl.max(tl.where(mask, tl.abs(m), 0.0), axis=1)
+        has_nan = tl.max(tl.where(mask & (m != m), 1, 0), axis=1)
+        absmax = tl.where(has_nan != 0, float("nan"), absmax)
+        scale = tl.div_rn(absmax, _MAX_CODE)
+        x = tl.div_rn(m, scale[:, None])
+        if STOCHASTIC:
+            if flags & 32:  # QUANT_SR
+                quant_key = _key(quant_key_lo, quant_key_hi, quant_step_address_lo, quant_step_address_hi, flags & 8)
+                noise = _noise_rows(first, eights, quant_key, param_id, tl.load(row + 8).to(tl.uint32), ROWS, BLOCK)
+                q = _floor(x + noise.to(tl.float32) * (1.0 / 65536))
+            else:
+                q = _rint(x)
+        else:
+            q = _rint(x)
+        finite = (q.to(tl.int32, bitcast=True) & 0x7F800000) != 0x7F800000
+        q = tl.where(finite, tl.minimum(tl.maximum(q, -_MAX_CODE), _MAX_CODE), 0.0)
+        tl.store(_address(c_address, tl.int8, ALIGNED) + offs, q.to(tl.int8), mask=mask)
+        tl.store(scales + b, scale, mask=valid)
+
+
 def interpreted() -> bool:
     """Whether this module's kernels run in Triton's interpreter (TRITON_INTERPRET=1 when it was imported)."""
     return not isinstance(_lion_kernel, JITFunction)
@@ -332,6 +522,28 @@ def specializations() -> list[dict[str, object]]:
             continue  # stochastic rounding is for bf16 params, which only a mixed bucket holds
         result.append(dict(DTYPES=dtypes, BLOCK=block, ALIGNED=aligned, STOCHASTIC=stochastic))
     return result
+
+
+def int8_specializations() -> list[dict[str, object]]:
+    """The constexprs of every int8-momentum kernel the launcher can compile (num_warps 8; ROWS follows BLOCK):
+    dtypes (all fp32, or a mix of fp32/bf16/fp16 params and grads) x padded block (16 .. 1024) x alignment x
+    stochastic (param rounding and requantization, each then a runtime flag), 56 in all."""
+    return [
+        dict(DTYPES=dtypes, BLOCK=block, ROWS=_INT8_TILE // block, ALIGNED=aligned, STOCHASTIC=stochastic)
+        for dtypes, block, aligned, stochastic in itertools.product(
+            (FP32, MIXED), _INT8_BLOCKS, (True, False), (False, True)
+        )
+    ]
+
+
+def int8_padded_block(block: int) -> int:
+    """The int8 kernel's BLOCK for a momentum block of `block` elements: the next power of two, at least 16."""
+    if isinstance(block, bool) or not isinstance(block, int) or not 1 <= block <= INT8_MAX_BLOCK:
+        raise ValueError(
+            f"lion_triton: int8 momentum block {block!r} is not supported: the Triton kernel takes blocks of 1 to "
+            f"{INT8_MAX_BLOCK} elements"
+        )
+    return max(16, 1 << (block - 1).bit_length())
 
 
 def _on(device: torch.device, values: Sequence[int], dtype: torch.dtype) -> Tensor:
@@ -452,10 +664,91 @@ def _prepare_bucket(entries: Sequence[Entry], index: list[int], aligned: bool) -
 
 
 @dataclass
+class _Int8Bucket:
+    """One launch of the int8-momentum kernel: its static tables, and which of the plan's entries it holds."""
+
+    index: list[int]  # entries of the plan
+    dtypes: int  # FP32 (fp32 params and grads) or MIXED
+    block: int  # BLOCK: the padded momentum block
+    aligned: bool  # params and codes 16-byte aligned, rows and blocks multiples of 16 elements
+    stochastic: bool  # holds a bf16 param
+    pcs_ptrs: Tensor
+    layout: Tensor
+    program_tensor: Tensor
+    n_programs: int
+    grads: _GradTable
+
+
+def _int8_aligned(e: Entry) -> bool:
+    n = e.exp_avg.shape[-1] if e.exp_avg.dim() else 1
+    return (e.param.data_ptr() | e.exp_avg.data_ptr()) % _ALIGN == 0 and n % 16 == 0 and e.block % 16 == 0
+
+
+def _prepare_int8_bucket(entries: Sequence[Entry], index: list[int], block: int, aligned: bool) -> _Int8Bucket:
+    device = entries[index[0]].param.device
+    rows = _INT8_TILE // block
+    layout, pcs, program_tensor = [], [], []
+    for k, i in enumerate(index):
+        e = entries[i]
+        n = e.exp_avg.shape[-1] if e.exp_avg.dim() else 1
+        per_row = -(-n // e.block)
+        n_blocks = e.exp_avg.numel() // n * per_row
+        programs = -(-n_blocks // rows)
+        # every block's first element index is base + r * n + j * block: all multiples of 8 when their gcd is
+        steps = math.gcd(e.base, n if n_blocks > per_row else 0, e.block if per_row > 1 else 0)
+        code = _CODE[e.param.dtype] | _CODE[e.grad_dtype] << 2
+        shard, quant_shard = e.shard & 0xFFFFFFFF, (e.shard | MOMENTUM_STREAM) & 0xFFFFFFFF
+        layout += (n, e.block, per_row, n_blocks, len(program_tensor), e.param_id, e.base, shard, quant_shard, code)
+        layout.append(int(steps % 8 == 0))
+        pcs += (e.param.data_ptr(), e.exp_avg.data_ptr(), e.scales.data_ptr())
+        program_tensor += [k] * programs
+    first = entries[index[0]]
+    return _Int8Bucket(
+        index=index,
+        dtypes=FP32 if (first.param.dtype, first.grad_dtype) == (torch.float32,) * 2 else MIXED,
+        block=block,
+        aligned=aligned,
+        stochastic=any(entries[i].param.dtype == torch.bfloat16 for i in index),
+        pcs_ptrs=_on(device, pcs, torch.int64),
+        layout=_on(device, layout, torch.int64),
+        program_tensor=_on(device, program_tensor, torch.int32),
+        n_programs=len(program_tensor),
+        grads=_GradTable(device, len(index)),
+    )
+
+
+def _check_int8(i: int, e: Entry, device: torch.device) -> None:
+    """Refuse what the int8 kernel cannot update: a clear error per entry."""
+    p, codes, scales = e.param, e.exp_avg, e.scales
+    if (p.dtype, e.grad_dtype) not in itertools.product(PARAM_DTYPES[:3], repeat=2) or codes.dtype != torch.int8:
+        raise TypeError(
+            f"lion_triton: tensor {i} has int8 momentum with (param, grad, momentum) dtypes "
+            f"{(p.dtype, e.grad_dtype, codes.dtype)}; supported: fp32/bf16/fp16 params and grads, int8 codes"
+        )
+    if e.compensation is not None:
+        raise ValueError(f"lion_triton: tensor {i} has a Kahan compensation buffer; the Triton kernel has none")
+    int8_padded_block(e.block)
+    if scales.dtype != torch.float32 or scales.device != device or not scales.is_contiguous():
+        raise ValueError(
+            f"lion_triton: tensor {i}'s int8 scales must be contiguous fp32 on {device}, got {scales.dtype} on "
+            f"{scales.device}{'' if scales.is_contiguous() else ', not contiguous'}"
+        )
+    if codes.shape != p.shape or tuple(scales.shape) != int8_scale_shape(codes.shape, e.block):
+        raise ValueError(
+            f"lion_triton: tensor {i} has param shape {tuple(p.shape)}, codes {tuple(codes.shape)} and scales "
+            f"{tuple(scales.shape)}; int8 momentum needs codes shaped as the param and scales of shape "
+            f"{int8_scale_shape(p.shape, e.block)} (block {e.block})"
+        )
+    if scales.data_ptr() == 0:
+        raise TypeError(f"lion_triton: tensor {i}'s int8 scales have no storage (a DTensor?): pass the local shard")
+
+
+@dataclass
 class _Prepared:
     device: torch.device
     buckets: list[_Bucket]
     no_skip: Tensor  # a zero flag, read when the step has none
+    int8_buckets: list[_Int8Bucket] = field(default_factory=list)
 
 
 def _lr_arguments(lr: float | Tensor, device: torch.device) -> tuple[float, int, int]:
@@ -488,12 +781,20 @@ class TritonBackend(Backend):
             return _Prepared(torch.device("cpu"), [], torch.zeros(1, dtype=torch.int32))
         device = entries[0].param.device
         check_device(device)
-        refuse_overlaps([(e.param, e.exp_avg) for e in entries])  # programs would race on shared memory
+        pairs = [(e.param, e.exp_avg) for e in entries]
+        names = [f"tensor {i}" for i in range(len(entries))]
+        no_storage = torch.empty(0)  # data_ptr() 0: not checked
+        pairs += [(e.scales, no_storage) for e in entries if e.scales is not None]
+        names += [f"tensor {i}'s int8 scales" for i, e in enumerate(entries) if e.scales is not None]
+        refuse_overlaps(pairs, names)  # programs would race on shared memory
         buckets: dict[tuple, list[int]] = {}
+        int8_buckets: dict[tuple, list[int]] = {}
         for i, e in enumerate(entries):
             p, m = e.param, e.exp_avg
             triple = (p.dtype, e.grad_dtype, m.dtype)
-            if triple not in FUSED_TRIPLES:
+            if e.scales is not None:
+                _check_int8(i, e, device)
+            elif triple not in FUSED_TRIPLES:
                 raise TypeError(
                     f"lion_triton: tensor {i} has (param, grad, momentum) dtypes {triple}, supported: any of "
                     "fp32/bf16/fp16 each, or all fp64"
@@ -510,6 +811,10 @@ class TritonBackend(Backend):
                     "lion_triton takes local plain tensors with storage, got one whose data_ptr() is 0 (a DTensor?): "
                     "pass its local shard, e.g. lion_dist.shards.local(t)"
                 )
+            if e.scales is not None:
+                family = FP32 if triple[:2] == (torch.float32,) * 2 else MIXED
+                int8_buckets.setdefault((family, int8_padded_block(e.block), _int8_aligned(e)), []).append(i)
+                continue
             aligned = (p.data_ptr() | m.data_ptr()) % _ALIGN == 0
             buckets.setdefault((_family(triple), aligned), []).append(i)
         with _on_device(device):
@@ -517,6 +822,10 @@ class TritonBackend(Backend):
                 device,
                 [_prepare_bucket(entries, index, aligned) for (_, aligned), index in buckets.items()],
                 torch.zeros(1, dtype=torch.int32, device=device),
+                [
+                    _prepare_int8_bucket(entries, index, block, aligned)
+                    for (_, block, aligned), index in int8_buckets.items()
+                ],
             )
 
     def step(
@@ -528,9 +837,13 @@ class TritonBackend(Backend):
         skip: Tensor | None = None,
         sr_key: int | DeviceKey | None = None,
         means: Sequence[Tensor] | None = None,
+        quant_key: int | DeviceKey | None = None,
     ) -> None:
-        """One launch per bucket. `grads`: contiguous, on the plan's device, of the prepared dtypes and sizes."""
-        if not prepared.buckets:
+        """One launch per bucket. `grads`: contiguous, on the plan's device, of the prepared dtypes and sizes.
+
+        `quant_key`: the int8 momenta's stochastic requantization (None: to nearest); the float momenta ignore it.
+        """
+        if not (prepared.buckets or prepared.int8_buckets):
             return
         device = prepared.device
         _check_skip(skip, device)
@@ -564,6 +877,44 @@ class TritonBackend(Backend):
                     num_warps=_BLOCKS[bucket.block],
                     enable_fp_fusion=False,  # every fma is explicit: the compiler contracts nothing else
                 )
+            if prepared.int8_buckets:
+                _step_int8(prepared, addresses, args, sr_key, quant_key, skip)
+
+
+def _step_int8(
+    prepared: _Prepared,
+    addresses: array,
+    args: list[int],
+    sr_key: int | DeviceKey | None,
+    quant_key: int | DeviceKey | None,
+    skip: Tensor | None,
+) -> None:
+    """One launch of `_lion_int8_kernel` per int8 bucket: `args` are the float kernel's runtime arguments."""
+    qkey, q_step_address, flags = quant_key or 0, 0, args[-1]
+    if isinstance(quant_key, DeviceKey):
+        qkey, q_step_address = quant_key.base, _step_address(quant_key.step, prepared.device)
+        flags |= QUANT_KEY_FROM_STEP
+    flags |= (PARAM_SR if sr_key is not None else 0) | (QUANT_SR if quant_key is not None else 0)
+    int8_args = [*args[:-1], *halves(qkey), *halves(q_step_address), flags]
+    for bucket in prepared.int8_buckets:
+        g_addresses = array("q", map(addresses.__getitem__, bucket.index))
+        g_table = bucket.grads.upload(g_addresses)
+        aligned = bucket.aligned and not (np.bitwise_or.reduce(np.frombuffer(g_addresses, np.int64)) % _ALIGN)
+        _lion_int8_kernel[(bucket.n_programs,)](
+            bucket.pcs_ptrs,
+            g_table,
+            bucket.layout,
+            bucket.program_tensor,
+            prepared.no_skip if skip is None else skip,
+            *int8_args,
+            DTYPES=bucket.dtypes,
+            BLOCK=bucket.block,
+            ROWS=_INT8_TILE // bucket.block,
+            ALIGNED=bool(aligned),
+            STOCHASTIC=quant_key is not None or (sr_key is not None and bucket.stochastic),
+            num_warps=_INT8_WARPS,
+            enable_fp_fusion=False,
+        )
 
 
 def _on_device(device: torch.device):

@@ -26,7 +26,10 @@ from lion_dist.train.config import (
     ADAMW_LR,
     ADAMW_WEIGHT_DECAY,
     AGGREGATES,
+    BF16_UPDATES,
+    MOMENTUM_DTYPES,
     OPTIMIZER_DEFAULTS,
+    PARAM_DTYPES,
     SWEEP_LR_GRIDS,
     TrainConfig,
     check_out_dir,
@@ -104,6 +107,37 @@ def _add_train_flags(
             default=None,
             help="with --distributed-lion: the majority vote of the signs, or their mean (default: vote)",
         )
+        add(
+            "--momentum-dtype",
+            choices=[d for d in MOMENTUM_DTYPES if d],
+            default=None,
+            help="Lion's momentum: float32, bfloat16, or int8 (1 byte + a scale per block; default: the param's)",
+        )
+        add(
+            "--int8-block-size",
+            type=int,
+            default=d.int8_block_size,
+            help=f"with --momentum-dtype int8: elements per scale (default: {d.int8_block_size})",
+        )
+        add(
+            "--int8-rounding",
+            choices=("stochastic", "nearest"),
+            default=d.int8_rounding,
+            help=f"with --momentum-dtype int8: how the momentum is requantized (default: {d.int8_rounding})",
+        )
+        add(
+            "--bf16-update",
+            choices=BF16_UPDATES,
+            default=d.bf16_update,
+            help="with --param-dtype bfloat16 and Lion: round updated params to nearest, stochastically, or keep "
+            "their rounding error in a Kahan compensation buffer (default: nearest)",
+        )
+    add(
+        "--param-dtype",
+        choices=PARAM_DTYPES,
+        default=d.param_dtype,
+        help="the model's params (and activations): float32, or bfloat16 with no fp32 master copy (default: float32)",
+    )
     add("--lr", type=float, default=None, help="peak learning rate (default: AdamW 1e-3; Lion 1e-3 / 3)")
     add("--weight-decay", type=float, default=None, help="default: AdamW 0.1; Lion 0.1 x 3")
     add(

@@ -14,7 +14,15 @@ ADAMW_WEIGHT_DECAY = 0.1
 LION_LR_DIVISOR = 3  # Chen et al. 2023: Lion's lr is 3-10x smaller than AdamW's, its weight decay 3-10x larger
 # `lion-dist sweep`'s lr grids: half-decades around each default (AdamW 1e-3, Lion 1e-3 / LION_LR_DIVISOR)
 SWEEP_LR_GRIDS: dict[str, tuple[float, ...]] = {"lion": (1e-4, 3e-4, 1e-3, 3e-3), "adamw": (3e-4, 1e-3, 3e-3)}
-AGGREGATES = ("vote", "mean")  # `distributed_lion.AGGREGATES`, named here because that module imports torch
+AGGREGATES = ("vote", "mean")
+MOMENTUM_DTYPES = (None, "float32", "bfloat16", "int8")  # `lion_dist.Lion(momentum_dtype=...)` by name
+PARAM_DTYPES = ("float32", "bfloat16")
+# How a bf16 param takes its update: rounded to nearest, stochastically, or with Kahan compensation (Lion's options)
+BF16_UPDATES = (
+    "nearest",
+    "stochastic",
+    "compensation",
+)  # `distributed_lion.AGGREGATES`, named here because that module imports torch
 
 
 @dataclass(frozen=True)
@@ -73,6 +81,11 @@ class TrainConfig:
     optimizer: str = "lion"
     distributed_lion: bool = False
     aggregate: str | None = None
+    momentum_dtype: str | None = None
+    int8_block_size: int = 128
+    int8_rounding: str = "stochastic"
+    param_dtype: str = "float32"
+    bf16_update: str = "nearest"
     lr: float | None = None
     weight_decay: float | None = None
     betas: tuple[float, float] | None = None
@@ -153,6 +166,27 @@ def validate(cfg: TrainConfig) -> None:
         raise ValueError(
             f"--aggregate {cfg.aggregate!r}: pass one of {', '.join(AGGREGATES)}, together with --distributed-lion"
         )
+    lion_only = {
+        "--momentum-dtype": cfg.momentum_dtype is not None,
+        "--bf16-update": cfg.bf16_update != "nearest",
+        "--int8-block-size": cfg.int8_block_size != 128,
+        "--int8-rounding": cfg.int8_rounding != "stochastic",
+    }
+    for flag, given in lion_only.items():
+        if given and (cfg.optimizer != "lion" or cfg.distributed_lion):
+            raise ValueError(
+                f"{flag} is an option of lion_dist.Lion: pass it with --optimizer lion (not Distributed Lion)"
+            )
+    if cfg.momentum_dtype not in MOMENTUM_DTYPES:
+        raise ValueError(
+            f"--momentum-dtype must be one of {', '.join(map(str, MOMENTUM_DTYPES[1:]))}, got {cfg.momentum_dtype!r}"
+        )
+    if cfg.param_dtype not in PARAM_DTYPES:
+        raise ValueError(f"--param-dtype must be one of {', '.join(PARAM_DTYPES)}, got {cfg.param_dtype!r}")
+    if cfg.bf16_update not in BF16_UPDATES:
+        raise ValueError(f"--bf16-update must be one of {', '.join(BF16_UPDATES)}, got {cfg.bf16_update!r}")
+    if cfg.bf16_update != "nearest" and cfg.param_dtype != "bfloat16":
+        raise ValueError(f"--bf16-update {cfg.bf16_update} rounds bf16 params: pass it with --param-dtype bfloat16")
     if cfg.resume and cfg.overwrite:
         raise ValueError("--resume continues the run in --out, --overwrite deletes it: pass one of them")
     lr, wd, betas, _ = resolve_hyperparams(cfg)

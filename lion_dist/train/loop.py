@@ -78,6 +78,11 @@ OPTIMIZERS: dict[str, OptimizerSpec] = {
             lr=lr,
             betas=betas,
             weight_decay=wd,
+            momentum_dtype=cfg.momentum_dtype,
+            int8_block_size=cfg.int8_block_size,
+            int8_rounding=cfg.int8_rounding,
+            stochastic_rounding=cfg.bf16_update == "stochastic",
+            compensation=cfg.bf16_update == "compensation",
             micro_batch_size=cfg.micro_batch_size,
             grad_accum_steps=cfg.grad_accum,
         ),
@@ -171,7 +176,7 @@ class _Run:
             d_model=cfg.d_model,
         )
         torch.manual_seed(cfg.seed)  # every rank builds the same initial model; fully_shard keeps its shard
-        self.model = GPT(self.model_cfg).to(self.device)
+        self.model = GPT(self.model_cfg).to(self.device, getattr(torch, cfg.param_dtype))
         self.n_params = sum(p.numel() for p in self.model.parameters())
         # --distributed-lion: every rank a whole replica, sharded on a one-rank mesh; signs go across "replicate"
         shape, names = ((self.world, 1), ("replicate", "shard")) if cfg.distributed_lion else ((self.world,), None)
@@ -213,6 +218,7 @@ class _Run:
             "optimizer": self.cfg.optimizer,
             "data": self.corpus.source,
             "seed": self.cfg.seed,
+            "param_dtype": self.cfg.param_dtype,
             "global_batch": self.global_batch,
             "replicas": self.world if self.cfg.distributed_lion else None,  # its checkpoint's momenta per param
         }
@@ -290,7 +296,7 @@ class _Run:
         for i, (x, y) in enumerate(batches):
             self.model.set_requires_gradient_sync(i == len(batches) - 1)  # reduce-scatter once per step
             logits = self.model(x.to(self.device))
-            loss = F.cross_entropy(logits.flatten(0, 1), y.to(self.device).flatten())
+            loss = F.cross_entropy(logits.float().flatten(0, 1), y.to(self.device).flatten())
             (loss / len(batches)).backward()
             loss_sum += loss.detach()
         if cfg.grad_clip:
@@ -313,7 +319,7 @@ class _Run:
             world=self.world,
         ):
             logits = self.model(x.to(self.device))
-            per_seq = F.cross_entropy(logits.transpose(1, 2), y.to(self.device), reduction="none").mean(dim=1)
+            per_seq = F.cross_entropy(logits.float().transpose(1, 2), y.to(self.device), reduction="none").mean(dim=1)
             totals[0] += (per_seq.double() * w.to(self.device)).sum()
             totals[1] += w.sum()
         dist.all_reduce(totals)
