@@ -38,8 +38,8 @@ WD = LionHyperparams(lr=3e-3, beta1=0.9, beta2=0.99, weight_decay=0.1)
 PLAIN = LionHyperparams(lr=1e-2, beta1=0.9, beta2=0.99)
 MAXIMIZE = LionHyperparams(lr=2e-3, beta1=0.95, beta2=0.98, weight_decay=0.3, maximize=True)
 SEED = 1234
-# (shape, param id, base, shard): rows that are no multiple of any block, 1-D tensors, a 0-d one; element
-# indices from a base that is a multiple of 8 (one Philox call per 8 elements) and from one that is not (one per element)
+# (shape, param id, base, shard): rows that are no multiple of any block, 1-D tensors, a 0-d one; element indices
+# from a base that is a multiple of 8 (one Philox call per 8 elements) and from one that is not (one per element)
 PLACES = [
     ((3, 100), 0, 0, 0),
     ((130,), 1, 3, 0),
@@ -119,7 +119,8 @@ def run_schedule(pair, block, places=PLACES, zero_momentum=(1,)) -> None:
     backend = triton_kernel.BACKEND
     entries, expected = make(places, pair, block, seed=block, zero_momentum=zero_momentum)
     prepared = backend.prepare(entries)
-    assert not prepared.buckets and len(prepared.int8_buckets) == 1
+    assert not prepared.buckets  # int8 buckets only: one per alignment, all with this block's padded BLOCK
+    assert {b.block for b in prepared.int8_buckets} == {triton_kernel.int8_padded_block(block)}
     for step, (hp, sr, quant) in enumerate(SCHEDULE):
         key = spec.sr_key(SEED, 0, step)
         grads = grads_for(entries, seed=100 * block + step)

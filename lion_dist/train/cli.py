@@ -57,6 +57,42 @@ VARIANTS: dict[str, Variant] = {
         "Distributed Lion, mean (lion_dist.distributed_lion)",
         ("--optimizer", "lion", "--distributed-lion", "--aggregate", "mean"),
     ),
+    # 8-bit momentum (issue 16's study): the block size and the requantization's rounding
+    "lion-int8": Variant(
+        "Lion, int8 momentum (block 128, stochastic)", ("--optimizer", "lion", "--momentum-dtype", "int8")
+    ),
+    "lion-int8-nearest": Variant(
+        "Lion, int8 momentum (block 128, nearest)",
+        ("--optimizer", "lion", "--momentum-dtype", "int8", "--int8-rounding", "nearest"),
+    ),
+    **{
+        f"lion-int8-b{block}": Variant(
+            f"Lion, int8 momentum (block {block}, stochastic)",
+            ("--optimizer", "lion", "--momentum-dtype", "int8", "--int8-block-size", str(block)),
+        )
+        for block in (32, 256)
+    },
+    # pure bf16 params, no fp32 master weights: how their small updates survive the rounding
+    **{
+        f"lion-bf16-{update}": Variant(
+            f"Lion, bf16 params ({update})",
+            ("--optimizer", "lion", "--param-dtype", "bfloat16", "--bf16-update", update),
+        )
+        for update in ("nearest", "stochastic", "compensation")
+    },
+    "lion-bf16-compensation-int8": Variant(
+        "Lion, bf16 params (compensation), int8 momentum",
+        (
+            "--optimizer",
+            "lion",
+            "--param-dtype",
+            "bfloat16",
+            "--bf16-update",
+            "compensation",
+            "--momentum-dtype",
+            "int8",
+        ),
+    ),
 }
 DEFAULT_VARIANTS = ("lion", "adamw")
 
