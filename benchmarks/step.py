@@ -8,7 +8,9 @@ Workloads (issue 3): W1 one 64M-element tensor; W2 a GPT-2-small-like list (GPU:
 tensors, 124M elements; CPU: 10 GPT-2 blocks at width 448, 120 tensors, 24M elements); W3 2000 tensors of 1024;
 W2u is W2 with its first tensor a view into a flat buffer one element off 16-byte alignment (as in a flat
 parameter), so that tensor takes the kernels' unaligned variant while the rest of its bucket stays aligned.
-Params and grads share a dtype (fp32 or bf16); every optimizer keeps its default state dtype.
+Params and grads share a dtype (fp32 or bf16); every optimizer keeps its default state dtype, except the
+lion_dist rows that name another: bf16 momentum, int8 momentum (codes and a scale per 128 elements; its bytes
+moved count the scales) and, for bf16 params, int8 momentum with a Kahan compensation buffer.
 
 For each optimizer: the median `step()` time, the ratio to lion_dist (its default backend, nonfinite="ignore": above 1
 means slower than lion_dist), the GB/s it achieves counting the bytes its algorithm must move (Lion: read p, g, m and
@@ -111,11 +113,11 @@ class Peer:
     dtypes: tuple[str, ...] = tuple(DTYPES)  # the param dtypes it is timed on
 
 
-def _lion_dist(backend: str, nonfinite: str = "ignore", stochastic_rounding: bool = False) -> Callable:
+def _lion_dist(backend: str, nonfinite: str = "ignore", stochastic_rounding: bool = False, **options) -> Callable:
     def make(params):
         if backend == "cpu_fused" and not cpu_kernel.is_available():
             raise Unavailable(f"the fused CPU kernel is unavailable ({cpu_kernel.unavailable_reason()})")
-        hp = dict(lr=LR, betas=BETAS, weight_decay=WD, stochastic_rounding=stochastic_rounding)
+        hp = dict(lr=LR, betas=BETAS, weight_decay=WD, stochastic_rounding=stochastic_rounding, **options)
         return Lion(params, **hp, backend=backend, nonfinite=nonfinite, batch_size_policy="ignore")
 
     return make
@@ -176,6 +178,10 @@ def peers(device: str, quick: bool) -> tuple[list[Peer], list[tuple[str, str]]]:
     run.append(Peer("lion_dist auto, nonfinite='skip'", "lion", _lion_dist("auto", "skip")))
     sr = _lion_dist("auto", stochastic_rounding=True)
     run.append(Peer("lion_dist auto, stochastic_rounding=True", "lion", sr, dtypes=("bf16",)))  # SR: bf16 params only
+    run.append(Peer("lion_dist auto, momentum_dtype=bf16", "lion", _lion_dist("auto", momentum_dtype="bf16")))
+    run.append(Peer("lion_dist auto, momentum_dtype=int8", "lion", _lion_dist("auto", momentum_dtype="int8")))
+    int8_comp = _lion_dist("auto", momentum_dtype="int8", compensation=True)
+    run.append(Peer("lion_dist auto, int8 momentum, compensation=True", "lion", int8_comp, dtypes=("bf16",)))
     run.append(Peer("lion_dist functional.lion only (no optimizer)", "lion", FunctionalLion))
     run.append(Peer("lion_dist foreach", "lion", _lion_dist("foreach")))
     if quick:
@@ -258,7 +264,7 @@ def peak_extra_bytes(fn: Callable[[], object], device: str) -> int | None:
     return None if before is None or peak is None else max(0, peak - before) * 1024
 
 
-STATE_KEYS = {"lion": ("exp_avg",), "adamw": ("exp_avg", "exp_avg_sq")}
+STATE_KEYS = {"lion": ("exp_avg", "exp_avg_scale", "compensation"), "adamw": ("exp_avg", "exp_avg_sq")}
 
 
 def state_bytes(opt: torch.optim.Optimizer) -> int:
@@ -270,8 +276,8 @@ def step_bytes(opt: torch.optim.Optimizer, params: list[torch.Tensor], algorithm
     total = 0
     for p in params:
         state = opt.state[p]
-        moved_state = sum(state[k].element_size() for k in STATE_KEYS[algorithm] if k in state)
-        total += p.numel() * (2 * p.element_size() + p.grad.element_size() + 2 * moved_state)
+        moved_state = sum(state[k].numel() * state[k].element_size() for k in STATE_KEYS[algorithm] if k in state)
+        total += p.numel() * (2 * p.element_size() + p.grad.element_size()) + 2 * moved_state
     return total
 
 

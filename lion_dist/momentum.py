@@ -83,8 +83,8 @@ def dequantized(p: Tensor, codes: Tensor, scales: Tensor, block: int) -> Tensor:
 def conform(p: Tensor, state: dict[str, Any], group: dict[str, Any], *, create: bool) -> None:
     """Make `state` what `group` asks for `p`, in place: quantize a float momentum for an int8 group (from
     lion-pytorch, `momentum_dtype=None`, or a `dequantized_state_dict`), dequantize an int8 one for a float
-    group, cast a float one to the group's dtype, add or drop the compensation. `create`: a param without
-    momentum gets a zero one (its first step); else it stays without."""
+    group, cast a float one to the group's `momentum_dtype` (None keeps its dtype), add or drop the
+    compensation. `create`: a param without momentum gets a zero one (its first step); else it stays without."""
     block = group["int8_block_size"]
     momentum = state.get("exp_avg")
     if momentum is None:
@@ -105,9 +105,9 @@ def conform(p: Tensor, state: dict[str, Any], group: dict[str, Any], *, create: 
             )
         elif momentum.dtype != INT8:  # codes cast to a float dtype by torch's load_state_dict
             state["exp_avg"] = momentum.to(INT8)
-    else:
-        if "exp_avg_scale" in state:
-            momentum = dequantized(p, momentum, state.pop("exp_avg_scale"), block)
+    elif "exp_avg_scale" in state:
+        state["exp_avg"] = dequantized(p, momentum, state.pop("exp_avg_scale"), block).to(float_dtype(p, group))
+    elif group["momentum_dtype"] is not None:  # None names no dtype: a float momentum given keeps its own
         state["exp_avg"] = momentum.to(float_dtype(p, group))
     wants_compensation = group["compensation"] and p.dtype in COMPENSATED_DTYPES
     if wants_compensation and "compensation" not in state:
@@ -126,6 +126,4 @@ def dequantized_state(p: Tensor, state: dict[str, Any], block: int) -> dict[str,
 
 def state_bytes(state: dict[str, Any]) -> int:
     """This rank's bytes of one param's state: momentum (codes), scales and compensation."""
-    return sum(
-        shards.local(t).numel() * t.element_size() for k in STATE_KEYS if isinstance(t := state.get(k), Tensor)
-    )
+    return sum(shards.local(t).numel() * t.element_size() for k in STATE_KEYS if isinstance(t := state.get(k), Tensor))

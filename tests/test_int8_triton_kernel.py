@@ -170,7 +170,7 @@ def long_rows_and_many_programs() -> None:
     run_schedule((F32, F32), 32, places, zero_momentum=())
     run_schedule((BF16, F16), 32, places, zero_momentum=())
     prepared = triton_kernel.BACKEND.prepare(make(places, (F32, F32), 32)[0])
-    assert prepared.int8_buckets[0].n_programs == 2 + 2 + 1
+    assert sum(b.n_programs for b in prepared.int8_buckets) == 2 + 2 + 1  # one bucket, or one per alignment
 
 
 @case
@@ -240,7 +240,9 @@ def float_and_int8_momenta_in_one_plan() -> None:
     entries = [floats[0], int8_a[0], floats[1], int8_b[0], int8_a[1], floats[2], int8_b[1]]
     expected = [ref_floats[0], ref_a[0], ref_floats[1], ref_b[0], ref_a[1], ref_floats[2], ref_b[1]]
     prepared = backend.prepare(entries)
-    assert len(prepared.buckets) == 2 and len(prepared.int8_buckets) == 2
+    int8_index = sorted(i for b in prepared.int8_buckets for i in b.index)
+    assert int8_index == [1, 3, 4, 6] and sum(len(b.index) for b in prepared.buckets) == 3  # each entry once
+    assert {tuple(sorted({entries[i].block for i in b.index})) for b in prepared.int8_buckets} == {(128,), (32,)}
     launches = []
 
     class Count:
@@ -269,7 +271,7 @@ def float_and_int8_momenta_in_one_plan() -> None:
                 [e.scales for e in entries if e.scales is not None],
                 [e.scales for e in expected if e.scales is not None],
             )
-    assert len(launches) == 8
+    assert len(launches) == 2 * (len(prepared.buckets) + len(prepared.int8_buckets))  # one launch per bucket
 
 
 @case
