@@ -38,12 +38,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 
 from lion_dist import Lion, distributed_lion
 from lion_dist.distributed_lion import choose_transport, ring_bytes_sent, vote_bytes_sent
-from lion_dist.train.config import ADAMW_LR, ADAMW_WEIGHT_DECAY, LION_LR_DIVISOR, GPTConfig
+from lion_dist.train.config import OPTIMIZER_DEFAULTS, GPTConfig
 from lion_dist.train.data import eval_batches, load_corpus, train_batches
 from lion_dist.train.model import GPT
 from tests.distributed import spawn
 
-LR, WD = ADAMW_LR / LION_LR_DIVISOR, ADAMW_WEIGHT_DECAY * LION_LR_DIVISOR  # the job's Lion defaults
+LR, WD = OPTIMIZER_DEFAULTS["lion"].lr, OPTIMIZER_DEFAULTS["lion"].weight_decay  # the job's Lion defaults
 
 
 class CollectiveCounter:

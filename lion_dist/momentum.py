@@ -83,8 +83,10 @@ def dequantized(p: Tensor, codes: Tensor, scales: Tensor, block: int) -> Tensor:
 def conform(p: Tensor, state: dict[str, Any], group: dict[str, Any], *, create: bool) -> None:
     """Make `state` what `group` asks for `p`, in place: quantize a float momentum for an int8 group (from
     lion-pytorch, `momentum_dtype=None`, or a `dequantized_state_dict`), dequantize an int8 one for a float
-    group, cast a float one to the group's `momentum_dtype` (None keeps its dtype), add or drop the
-    compensation. `create`: a param without momentum gets a zero one (its first step); else it stays without."""
+    group, cast a float one to the group's `momentum_dtype`, add or drop the compensation. `create` (a plan is
+    built for a step): a param without momentum gets a zero one, and with `momentum_dtype=None` a float momentum
+    put in the state keeps its dtype; else (a loaded state dict) a param stays without momentum, and a float
+    momentum takes the param's dtype, as torch's `load_state_dict` casts it."""
     block = group["int8_block_size"]
     momentum = state.get("exp_avg")
     if momentum is None:
@@ -107,7 +109,7 @@ def conform(p: Tensor, state: dict[str, Any], group: dict[str, Any], *, create: 
             state["exp_avg"] = momentum.to(INT8)
     elif "exp_avg_scale" in state:
         state["exp_avg"] = dequantized(p, momentum, state.pop("exp_avg_scale"), block).to(float_dtype(p, group))
-    elif group["momentum_dtype"] is not None:  # None names no dtype: a float momentum given keeps its own
+    elif group["momentum_dtype"] is not None or not create:
         state["exp_avg"] = momentum.to(float_dtype(p, group))
     wants_compensation = group["compensation"] and p.dtype in COMPENSATED_DTYPES
     if wants_compensation and "compensation" not in state:

@@ -159,3 +159,71 @@ def test_sharded_int8_step_equals_unsharded_bit_for_bit(runs) -> None:
 def test_dcp_checkpoint_reshards_exactly(runs, world) -> None:
     _assert_equal(runs[world]["loaded"], runs["half"])
     _assert_equal(runs[world]["resumed"], runs["all"])
+
+
+# FSDP1 flat partitions: plain 1-D tensors whose int8 blocks run over each rank's partition, so the state depends
+# on the world size; resharding goes through `dequantized_state_dict()` (fp32 momenta) and FSDP1's own optimizer
+# state-dict tools, and the load quantizes again.
+FLAT_SHAPE = (96, 97)  # 9312 elements: 4656 per rank at 2 ranks (a short last block), one unit, no padding
+
+
+def _flat_model(world: int) -> tuple[nn.Module, Lion]:
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+    torch.manual_seed(0)
+    model = FSDP(
+        nn.Linear(FLAT_SHAPE[1], FLAT_SHAPE[0], bias=False), use_orig_params=False, device_id=torch.device("cpu")
+    )
+    return model, Lion(model.parameters(), **{**CONFIG, "stochastic_rounding": False})
+
+
+def _local_momentum(opt: Lion) -> Tensor:
+    (state,) = opt.dequantized_state_dict()["state"].values()
+    return state["exp_avg"]
+
+
+def _fsdp1_save_world2(rank: int, world: int, path: str) -> dict:
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+    model, opt = _flat_model(world)
+    for step in range(3):
+        gen = torch.Generator().manual_seed(step)
+        model(torch.randn(4, FLAT_SHAPE[1], generator=gen)).square().mean().backward()
+        opt.step()
+        opt.zero_grad()
+    (flat,) = model.parameters()
+    state = opt.state[flat]
+    full = FSDP.optim_state_dict(model, opt, optim_state_dict=opt.dequantized_state_dict())
+    if rank == 0:
+        torch.save(full, path)
+    return {
+        "layout": (flat.shape, state["exp_avg"].dtype, state["exp_avg"].shape, state["exp_avg_scale"].shape),
+        "local": _local_momentum(opt),
+        "full": full["state"]["weight"]["exp_avg"],
+    }
+
+
+def _fsdp1_load(rank: int, world: int, path: str) -> Tensor:
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+    model, opt = _flat_model(world)
+    opt.load_state_dict(FSDP.optim_state_dict_to_load(model, opt, torch.load(path, weights_only=False)))
+    (flat,) = model.parameters()
+    assert opt.state[flat]["exp_avg"].dtype == torch.int8  # quantized again over this world's partition
+    return _local_momentum(opt)
+
+
+def test_fsdp1_flat_partitions_quantize_locally_and_reshard_through_the_dequantized_state(tmp_path) -> None:
+    path = str(tmp_path / "full.pt")
+    saved = spawn(_fsdp1_save_world2, 2, path)
+    half = FLAT_SHAPE[0] * FLAT_SHAPE[1] // 2
+    for out in saved:
+        assert out["layout"] == ((half,), torch.int8, (half,), (-(-half // 128),))
+    expected = torch.cat([out["local"] for out in saved]).reshape(FLAT_SHAPE)
+    assert torch.equal(saved[0]["full"], expected)  # FSDP1 gathered the fp32 momenta into the full param's shape
+    (reloaded,) = spawn(_fsdp1_load, 1, path)
+    # requantized over the whole param: within half a code of its new blocks (absmax / 127 per 128 elements)
+    blocks = expected.flatten()[: reloaded.numel() // 128 * 128].reshape(-1, 128)
+    half_code = blocks.abs().amax(dim=1, keepdim=True) / 127 / 2
+    error = (reloaded[: blocks.numel()].reshape(-1, 128) - blocks).abs()
+    assert bool((error <= half_code * 1.001).all()) and error.amax() > 0  # 1.001: the rounding of code x scale

@@ -242,12 +242,14 @@ def test_bad_input_gets_a_clear_error(reference, capsys, tmp_path: Path) -> None
         assert message in capsys.readouterr().err, argv
 
 
-def test_lion_defaults_follow_the_paper_rule_and_schedule() -> None:
+def test_lion_defaults_are_the_swept_ones_flags_override_them_and_schedule() -> None:
     lr, wd, betas, note = resolve_hyperparams(TrainConfig(optimizer="lion"))
-    assert (lr, wd) == pytest.approx((1e-3 / 3, 0.1 * 3)) and betas == (0.9, 0.99)
-    assert "lr / 3, weight decay x 3" in note
-    assert resolve_hyperparams(TrainConfig(optimizer="adamw"))[:2] == (1e-3, 0.1)
-    assert resolve_hyperparams(TrainConfig(optimizer="lion", lr=1e-4))[:2] == pytest.approx((1e-4, 0.3))
+    assert (lr, wd) == (1e-3, 0.1) and betas == (0.9, 0.99)
+    assert "docs/sweep.md" in note
+    assert resolve_hyperparams(TrainConfig(optimizer="adamw"))[:3] == (1e-3, 0.1, (0.9, 0.95))
+    assert resolve_hyperparams(TrainConfig(optimizer="lion", lr=1e-4))[:2] == (1e-4, 0.1)
+    lr, wd, _, note = resolve_hyperparams(TrainConfig(optimizer="lion", lr=3e-3, weight_decay=0.03))
+    assert (lr, wd) == (3e-3, 0.03) and "docs/sweep.md" not in note
     assert OPTIMIZERS.keys() == OPTIMIZER_DEFAULTS.keys()
     cfg = TrainConfig(steps=100, warmup_steps=10, min_lr_ratio=0.1)
     assert lr_at(5, 1.0, cfg) == 0.5 and lr_at(10, 1.0, cfg) == 1.0

@@ -174,8 +174,8 @@ def _add_train_flags(
         default=d.param_dtype,
         help="the model's params (and activations): float32, or bfloat16 with no fp32 master copy (default: float32)",
     )
-    add("--lr", type=float, default=None, help="peak learning rate (default: AdamW 1e-3; Lion 1e-3 / 3)")
-    add("--weight-decay", type=float, default=None, help="default: AdamW 0.1; Lion 0.1 x 3")
+    add("--lr", type=float, default=None, help="peak learning rate (default: 1e-3 for Lion and AdamW)")
+    add("--weight-decay", type=float, default=None, help="default: 0.1 for Lion and AdamW")
     add(
         "--betas",
         type=float,
@@ -387,13 +387,13 @@ def compare_report(summaries: dict[str, dict[str, Any]], command: str, nproc: in
     ranked = sorted(summaries, key=lambda n: summaries[n]["final_val_loss"])
     best = summaries[ranked[0]]["final_val_loss"]
     others = ", ".join(
-        f"{VARIANTS[n].label.split(' (')[0]} {summaries[n]['final_val_loss']:.4f} "
+        f"{n} {summaries[n]['final_val_loss']:.4f} "
         f"(+{100 * (summaries[n]['final_val_loss'] / best - 1):.1f}%)"
         for n in ranked[1:]
     )
     lines += [
         "",
-        f"**Lowest final validation loss: {VARIANTS[ranked[0]].label.split(' (')[0]}** ({best:.4f}"
+        f"**Lowest final validation loss: {ranked[0]}** ({best:.4f}"
         + (f"; {others})." if others else ")."),
         "One seed and one small budget: rerun with a few --seed values before reading much into a small gap.",
         "",
