@@ -13,9 +13,10 @@ from __future__ import annotations
 import argparse
 
 from torch import nn
-from toy import eval_loss, make_batch, make_model, shut_down_distributed
+from toy import eval_loss, make_batch, make_model
 
 import lion_dist.deepspeed
+from lion_dist.train.loop import close_process_groups
 
 
 def main() -> None:
@@ -46,4 +47,4 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
-    shut_down_distributed()  # after main's engine is gone: no gloo thread outlives the interpreter
+    close_process_groups()  # after main's engine is gone: no gloo thread outlives the interpreter

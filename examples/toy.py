@@ -6,7 +6,6 @@ every engine sees the same data and the sharded examples can be checked against 
 
 from __future__ import annotations
 
-import gc
 import os
 
 import torch
@@ -42,20 +41,6 @@ def init_distributed() -> tuple[int, int, torch.device]:
     if use_cuda:
         torch.cuda.set_device(device)
     return dist.get_rank(), dist.get_world_size(), device
-
-
-def shut_down_distributed() -> None:
-    """Free the process groups while the interpreter is intact; call it after the code that used them returned.
-
-    A gloo worker thread still alive at interpreter exit can abort the process ("terminate called without an
-    active exception", issue 14; lion_dist/train/loop.py `_close_process_groups` has the whole story): the engine's
-    reference cycles keep the groups alive, so collect them, then destroy the groups, whose destructors join gloo's
-    threads.
-    """
-    gc.collect()
-    if dist.is_initialized():
-        dist.destroy_process_group()
-    gc.collect()
 
 
 def micro_batch_size(global_batch: int, world: int, grad_accum: int) -> int:

@@ -2,7 +2,7 @@
 
 The workers used to leave with `os._exit(0)`, skipping every exit handler of the process, to dodge a rare abort at
 interpreter exit: a gloo worker thread still alive then takes the GIL to drop the tensors of a collective it has
-just finished, and Python ends it in a way that calls std::terminate (`loop._close_process_groups`). A
+just finished, and Python ends it in a way that calls std::terminate (`loop.close_process_groups`). A
 `sitecustomize` on PYTHONPATH registers an exit handler in every torchrun worker of a tiny run; registered first,
 it runs last, and writes the threads still alive then, just before finalization.
 """

@@ -2,7 +2,7 @@
 
 It exits the normal way, so the process's exit handlers (atexit, logging, profilers, experiment loggers) run:
 `run_worker` frees the process groups and joins gloo's threads before it returns, which removed the rare abort at
-interpreter exit of issue 14 (see `loop._close_process_groups`). A failed run raises and exits non-zero.
+interpreter exit of issue 14 (see `loop.close_process_groups`). A failed run raises and exits non-zero.
 """
 
 import sys

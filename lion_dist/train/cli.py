@@ -387,14 +387,12 @@ def compare_report(summaries: dict[str, dict[str, Any]], command: str, nproc: in
     ranked = sorted(summaries, key=lambda n: summaries[n]["final_val_loss"])
     best = summaries[ranked[0]]["final_val_loss"]
     others = ", ".join(
-        f"{n} {summaries[n]['final_val_loss']:.4f} "
-        f"(+{100 * (summaries[n]['final_val_loss'] / best - 1):.1f}%)"
+        f"{n} {summaries[n]['final_val_loss']:.4f} (+{100 * (summaries[n]['final_val_loss'] / best - 1):.1f}%)"
         for n in ranked[1:]
     )
     lines += [
         "",
-        f"**Lowest final validation loss: {ranked[0]}** ({best:.4f}"
-        + (f"; {others})." if others else ")."),
+        f"**Lowest final validation loss: {ranked[0]}** ({best:.4f}" + (f"; {others})." if others else ")."),
         "One seed and one small budget: rerun with a few --seed values before reading much into a small gap.",
         "",
         "![loss curves](compare.png)",

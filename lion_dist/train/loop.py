@@ -181,7 +181,7 @@ class _Run:
         # --distributed-lion: every rank a whole replica, sharded on a one-rank mesh; signs go across "replicate"
         shape, names = ((self.world, 1), ("replicate", "shard")) if cfg.distributed_lion else ((self.world,), None)
         mesh = init_device_mesh(self.device.type, shape, mesh_dim_names=names)
-        self.mesh = mesh  # run_worker frees its process groups at the end (`_close_process_groups`)
+        self.mesh = mesh  # run_worker frees its process groups at the end (`close_process_groups`)
         shard_mesh = mesh["shard"] if cfg.distributed_lion else mesh
         for block in self.model.blocks:
             fully_shard(block, mesh=shard_mesh)
@@ -549,12 +549,13 @@ def run_worker(cfg: TrainConfig) -> dict[str, Any] | None:
         dist.destroy_process_group()
         raise
     mesh, run = run.mesh, None  # the job's last strong references to its modules and optimizer
-    _close_process_groups(mesh)
+    close_process_groups(mesh)
     return summary
 
 
-def _close_process_groups(mesh: DeviceMesh) -> None:
-    """Free the job's process groups now, with the interpreter intact, so that no gloo thread outlives the job.
+def close_process_groups(mesh: DeviceMesh | None = None) -> None:
+    """Free the process groups (and `mesh`'s) with the interpreter intact, so that no gloo thread outlives the
+    job; the DeepSpeed example calls it too.
 
     Issue 14: `destroy_process_group` only unregisters the groups. DTensor's sharding caches keep the job's mesh
     to the end of the process and the mesh keeps its groups (`_pg_registry`), so gloo's worker threads lived into
@@ -568,7 +569,8 @@ def _close_process_groups(mesh: DeviceMesh) -> None:
     them; `python -m lion_dist.train` then exits normally.
     """
     gc.collect()  # FSDP's hooks and states are cycles that hold the groups
-    dist.destroy_process_group()
+    if dist.is_initialized():
+        dist.destroy_process_group()
     getattr(mesh, "_pg_registry", {}).clear()  # the mesh's own references; sub-meshes use their root's
     gc.collect()
 
