@@ -180,6 +180,8 @@ def peers(device: str, quick: bool) -> tuple[list[Peer], list[tuple[str, str]]]:
     run.append(Peer("lion_dist auto, stochastic_rounding=True", "lion", sr, dtypes=("bf16",)))  # SR: bf16 params only
     run.append(Peer("lion_dist auto, momentum_dtype=bf16", "lion", _lion_dist("auto", momentum_dtype="bf16")))
     run.append(Peer("lion_dist auto, momentum_dtype=int8", "lion", _lion_dist("auto", momentum_dtype="int8")))
+    int8_nearest = _lion_dist("auto", momentum_dtype="int8", int8_rounding="nearest")
+    run.append(Peer("lion_dist auto, momentum_dtype=int8, int8_rounding=nearest", "lion", int8_nearest))
     int8_comp = _lion_dist("auto", momentum_dtype="int8", compensation=True)
     run.append(Peer("lion_dist auto, int8 momentum, compensation=True", "lion", int8_comp, dtypes=("bf16",)))
     run.append(Peer("lion_dist functional.lion only (no optimizer)", "lion", FunctionalLion))

@@ -141,3 +141,18 @@ def test_bad_entries_get_a_clear_error(change, match) -> None:
     entry = _entries(FP32, FP32)[0]
     with pytest.raises(ValueError, match=match):
         backends.get("cpu_fused").prepare([change(entry)])
+
+
+@pytest.mark.parametrize(
+    "stream, numel",
+    [
+        (spec.NoiseStream(key=0, param_id=0, base=0, shard=0), 1),
+        (spec.NoiseStream(key=(1 << 62) - 3, param_id=7, base=3, shard=spec.MOMENTUM_STREAM | 2), 2 * 1024 + 13),
+        (spec.NoiseStream(key=spec.sr_key(5, 1, 9), param_id=2**32 - 1, base=(1 << 33) + 5, shard=1), 999),
+    ],
+)
+def test_c_noise_equals_the_spec_noise(stream, numel) -> None:
+    """The foreach backend's requantization noise on CPU (`cpu_kernel.sr_noise`) is `spec.sr_noise`, exactly:
+    unaligned bases, a base past 2**32, the momentum's stream bit, lengths across the C helper's chunks."""
+    got = cpu_kernel.sr_noise(stream, numel)
+    assert got.dtype == torch.int32 and torch.equal(got, spec.sr_noise(stream, numel))

@@ -31,7 +31,7 @@
 #include <stdint.h>
 #include <string.h>
 
-#define LION_ABI 6
+#define LION_ABI 7
 #define ALIGN_ELEMS 64 /* chunks start at multiples of 64 elements of a tensor: no cache line in two chunks */
 #define MIN_PER_THREAD 32768 /* fewer elements per thread: another thread costs more than it saves */
 #define MAX_THREADS 256
@@ -453,6 +453,19 @@ static void int8_range(const task *t, int64_t k, int64_t i0, int64_t i1) {
         .qs = {t->qk0, t->qk1, (uint32_t)stream[0], (uint32_t)stream[3], stream[1]},
     };
     Q8_SEGMENTS[t->param_sr != 0][t->quant_sr != 0][t->codes[k] & 15](&a, i0, i1, t->hp);
+}
+
+/* lion_dist.spec.sr_noise of elements base .. base + n - 1 of one stream, into out (n int32 in [0, 65536)): for the
+ * foreach backend's requantization on CPU, where the spec's torch Philox costs about a microsecond per element. */
+void lion_sr_noise(int64_t n, int32_t *out, uint32_t k0, uint32_t k1, uint32_t param_id, int64_t base,
+                   uint32_t shard) {
+    const noise_stream s = {k0, k1, param_id, shard, base};
+    uint32_t chunk[MAX_INT8_BLOCK + 16];
+    for (int64_t i = 0; i < n; i += MAX_INT8_BLOCK) {
+        const int64_t len = n - i < MAX_INT8_BLOCK ? n - i : MAX_INT8_BLOCK;
+        const int64_t off = fill_noise(chunk, &s, base + i, len);
+        for (int64_t j = 0; j < len; j++) out[i + j] = (int32_t)chunk[off + j];
+    }
 }
 
 /* The largest block lion_step_int8 takes, and whether dtype code `code` (param | grad << 2) has a loop. */

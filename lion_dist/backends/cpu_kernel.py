@@ -46,10 +46,10 @@ import torch
 from torch import Tensor
 
 from lion_dist.backends import FUSED_TRIPLES, Backend, Entry, refuse_overlaps
-from lion_dist.spec import MOMENTUM_STREAM, DeviceKey, LionHyperparams, int8_scale_shape, key_value
+from lion_dist.spec import MOMENTUM_STREAM, DeviceKey, LionHyperparams, NoiseStream, int8_scale_shape, key_value
 
 SOURCE = Path(__file__).with_name("_cpu_kernel.c")
-ABI_VERSION = 6
+ABI_VERSION = 7
 # -ffp-contract=off: no fma the reference does not have; -funroll-loops: more loads in flight, a faster step.
 _FLAGS = ("-O3", "-funroll-loops", "-ffp-contract=off", "-fno-math-errno", "-fPIC", "-shared", "-pthread")
 _NATIVE = ("-march=native",)
@@ -203,6 +203,8 @@ def _load(path: Path) -> ctypes.CDLL:
     lib.lion_step_int8.argtypes = [i64, vp, vp, vp, vp, vp, vp, vp, vp, vp, i32, u32, u32, i32, u32, u32, i32]
     lib.lion_step_int8.restype = None
     lib.lion_int8_supports.argtypes = [i32]
+    lib.lion_sr_noise.argtypes = [i64, vp, u32, u32, u32, i64, u32]
+    lib.lion_sr_noise.restype = None
     missing = [triple for triple, code in _CODES.items() if not lib.lion_supports(code)]
     missing += [(*pair, torch.int8) for pair, code in _INT8_CODES.items() if not lib.lion_int8_supports(code)]
     if missing:
@@ -485,6 +487,23 @@ def lion_cpu_fused(
         for original, copy in zip(originals, copies, strict=True):
             if copy is not original:
                 original.copy_(copy)
+
+
+def sr_noise(stream: NoiseStream, numel: int) -> Tensor:
+    """`spec.sr_noise(stream, numel)` computed by the C kernel: the same values, without the torch Philox's
+    microsecond per element (the foreach backend requantizes int8 momenta with it on CPU)."""
+    out = torch.empty(numel, dtype=torch.int32)
+    key = stream.key
+    _require().lion_sr_noise(
+        numel,
+        out.data_ptr(),
+        key & _MASK32,
+        key >> 32 & _MASK32,
+        stream.param_id & _MASK32,
+        stream.base,
+        stream.shard & _MASK32,
+    )
+    return out
 
 
 def nonfinite_flags(tensors: Sequence[Tensor]) -> Tensor | None:
