@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 
 from lion_dist import spec
-from lion_dist.backends import Backend, Entry
+from lion_dist.backends import Backend, Entry, sr_noise
 from lion_dist.spec import DeviceKey, LionHyperparams
 
 
@@ -131,21 +131,10 @@ def _dequantized(entries: list[Entry]) -> list[Entry]:
 def _requantize(quantized: list[Entry], stepped: list[Entry], quant_key: int | DeviceKey | None) -> None:
     for e, done in zip(quantized, stepped, strict=True):
         stream = e.momentum_noise(quant_key)
-        noise = None if stream is None else _requantization_noise(stream, e.exp_avg)
+        noise = None if stream is None else sr_noise(stream, e.exp_avg.numel(), e.exp_avg.device)
         codes, scales = spec.quantize_momentum(done.exp_avg, e.block, noise)
         e.exp_avg.copy_(codes)
         e.scales.copy_(scales)
-
-
-def _requantization_noise(stream: spec.NoiseStream, codes: Tensor) -> Tensor:
-    """`spec.sr_noise` for `codes`; on CPU from the C kernel when it builds (the same values, far faster: the
-    torch Philox made a compensated int8 step of a 24M-element model take seconds)."""
-    if codes.device.type == "cpu":
-        from lion_dist.backends import cpu_kernel
-
-        if cpu_kernel.is_available():
-            return cpu_kernel.sr_noise(stream, codes.numel())
-    return spec.sr_noise(stream, codes.numel(), codes.device)
 
 
 def _cautious(u: list[Tensor], g: list[Tensor], hp: LionHyperparams, means: Sequence[Tensor] | None) -> list[Tensor]:
