@@ -36,7 +36,7 @@ def planned(tmp_path: Path, **kwargs) -> sweep.Sweep:
 def test_plan_holds_tokens_and_decay_fixed_across_the_grid(tmp_path: Path) -> None:
     plan = planned(tmp_path)
     assert SWEEP_LR_GRIDS.keys() == OPTIMIZER_DEFAULTS.keys()  # every optimizer the job has gets a default grid
-    assert len(plan.cells) == 3 * (4 + 3) * 2 and len({c.name for c in plan.cells}) == len(plan.cells)
+    assert len(plan.cells) == 3 * (4 + 4) * 2 and len({c.name for c in plan.cells}) == len(plan.cells)
     assert plan.tokens == 400 * 64 * 64
     by_batch = {c.batch: c.cfg for c in plan.cells}
     # a 4x larger batch: 4x the accumulation, a quarter of the steps, intervals at the same tokens
