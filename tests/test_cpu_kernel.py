@@ -4,7 +4,6 @@ and `benchmarks/step.py` still runs."""
 
 from __future__ import annotations
 
-import importlib.util
 import itertools
 import json
 import sys
@@ -21,6 +20,7 @@ from lion_dist import Lion
 from lion_dist.backends import cpu_kernel, resolve_backend
 from lion_dist.nonfinite import nonfinite_mask
 from lion_dist.spec import LionHyperparams, lion_reference
+from tests.scripts import benchmark_script
 
 FP32, BF16 = torch.float32, torch.bfloat16
 SIZES = [1, 3, 127, 1025, 40_000, 70_001]  # odd sizes; 110k elements in all, so two threads split a tensor
@@ -311,11 +311,7 @@ def test_a_compile_error_is_reported_with_the_compiler_output(monkeypatch, tmp_p
 
 def test_benchmark_script_runs_and_reports_missing_peers(monkeypatch, tmp_path: Path) -> None:
     """`benchmarks/step.py --smoke` end to end, with lion-pytorch made unimportable: reported, not fatal."""
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "step.py"
-    spec = importlib.util.spec_from_file_location("benchmark_step", path)
-    step = importlib.util.module_from_spec(spec)
-    monkeypatch.setitem(sys.modules, spec.name, step)  # dataclasses look their module up there
-    spec.loader.exec_module(step)
+    step = benchmark_script("step")
     monkeypatch.setitem(sys.modules, "lion_pytorch", None)  # import lion_pytorch now raises ImportError
     monkeypatch.setenv("DS_ACCELERATOR", "cpu")  # what the script sets on CPU; restored afterwards
     out = tmp_path / "result.json"

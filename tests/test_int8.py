@@ -8,9 +8,6 @@ The fused kernels' int8 paths are tested bit for bit in `test_int8_cpu_kernel.py
 from __future__ import annotations
 
 import copy
-import importlib.util
-import sys
-from pathlib import Path
 
 import lion_pytorch
 import pytest
@@ -19,6 +16,7 @@ import torch
 from lion_dist import Lion, backends, spec
 from lion_dist.backends import Entry
 from lion_dist.spec import LionHyperparams, NoiseStream
+from tests.scripts import benchmark_script
 
 QUIET = {"batch_size_policy": "ignore"}
 HP = LionHyperparams(lr=1e-2, beta1=0.9, beta2=0.99, weight_decay=0.1)
@@ -322,18 +320,11 @@ def test_fp32_momentum_of_a_bf16_param_survives_a_state_dict_unrounded() -> None
 
 def test_quantization_study_script_runs_and_its_dynamic_map_is_bitsandbytes_shape(capsys) -> None:
     """`benchmarks/int8_quantization.py --smoke` end to end: every format reported, bytes counted from its state."""
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "int8_quantization.py"
-    module_spec = importlib.util.spec_from_file_location("benchmark_int8_quantization", path)
-    study = importlib.util.module_from_spec(module_spec)
-    sys.modules[module_spec.name] = study  # dataclasses look their module up there
-    try:
-        module_spec.loader.exec_module(study)
-        table = study.dynamic_map()
-        assert table.shape == (256,) and bool((table.diff() >= 0).all())
-        assert table.max() == 1 and -1 < table.min() < -0.99 and 0 in table.tolist() and table.unique().numel() == 256
-        results = study.main(["--smoke"])
-    finally:
-        del sys.modules[module_spec.name]
+    study = benchmark_script("int8_quantization")
+    table = study.dynamic_map()
+    assert table.shape == (256,) and bool((table.diff() >= 0).all())
+    assert table.max() == 1 and -1 < table.min() < -0.99 and 0 in table.tolist() and table.unique().numel() == 256
+    results = study.main(["--smoke"])
     printed = capsys.readouterr().out
     assert set(results) == {f.name for f in study.formats()} and all(name in printed for name in results)
     assert results["bf16 (momentum_dtype=torch.bfloat16)"]["bytes_per_element"] == 2

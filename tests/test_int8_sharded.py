@@ -21,6 +21,7 @@ from torch.distributed.checkpoint.state_dict import (
     set_state_dict,
 )
 from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
 from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import DTensor, distribute_tensor
 
@@ -168,8 +169,6 @@ FLAT_SHAPE = (96, 97)  # 9312 elements: 4656 per rank at 2 ranks (a short last b
 
 
 def _flat_model(world: int) -> tuple[nn.Module, Lion]:
-    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
-
     torch.manual_seed(0)
     model = FSDP(
         nn.Linear(FLAT_SHAPE[1], FLAT_SHAPE[0], bias=False), use_orig_params=False, device_id=torch.device("cpu")
@@ -183,8 +182,6 @@ def _local_momentum(opt: Lion) -> Tensor:
 
 
 def _fsdp1_save_world2(rank: int, world: int, path: str) -> dict:
-    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
-
     model, opt = _flat_model(world)
     for step in range(3):
         gen = torch.Generator().manual_seed(step)
@@ -204,8 +201,6 @@ def _fsdp1_save_world2(rank: int, world: int, path: str) -> dict:
 
 
 def _fsdp1_load(rank: int, world: int, path: str) -> Tensor:
-    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
-
     model, opt = _flat_model(world)
     opt.load_state_dict(FSDP.optim_state_dict_to_load(model, opt, torch.load(path, weights_only=False)))
     (flat,) = model.parameters()

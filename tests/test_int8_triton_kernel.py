@@ -27,6 +27,7 @@ import torch
 from lion_dist import spec
 from lion_dist.backends import Entry
 from lion_dist.spec import DeviceKey, LionHyperparams
+from tests.scripts import benchmark_script
 
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
 
@@ -402,15 +403,6 @@ def int8_runtime_values_are_not_constexprs() -> None:
     assert [n for n in names if params[n].is_constexpr] == ["DTYPES", "BLOCK", "ROWS", "ALIGNED", "STOCHASTIC"]
 
 
-def _compile_module():
-    path = ROOT / "benchmarks" / "triton_compile.py"
-    module_spec = importlib.util.spec_from_file_location("triton_compile", path)
-    module = importlib.util.module_from_spec(module_spec)
-    sys.modules[module_spec.name] = module  # dataclasses look their module up there
-    module_spec.loader.exec_module(module)
-    return module
-
-
 @compiled_case
 def the_launcher_reaches_every_int8_specialization_and_they_compile() -> None:
     """Without a GPU: the launcher's int8 calls reach every `int8_specializations()`; a few (the default block,
@@ -418,7 +410,7 @@ def the_launcher_reaches_every_int8_specialization_and_they_compile() -> None:
     fma.rn and only correctly rounded divisions (div.rn.f32, no ftz), the aligned ones with 128-bit accesses."""
     from lion_dist.backends import triton_kernel
 
-    module = _compile_module()
+    module = benchmark_script("triton_compile")
     launches = module.int8_recorded_launches()
     seen = {
         tuple(sorted((k, v) for k, v in kw.items() if k != "num_warps" and k != "enable_fp_fusion"))

@@ -28,6 +28,7 @@ import torch
 from lion_dist import Lion
 from lion_dist.functional import lion
 from lion_dist.spec import LionHyperparams, lion_reference
+from tests.scripts import benchmark_script
 
 ROOT = Path(__file__).resolve().parent.parent
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -569,12 +570,7 @@ def every_specialization_compiles_for_sm80_and_sm90() -> None:
     128-bit global loads and stores, and the math is the explicit fma.rn of the spec."""
     from lion_dist.backends import triton_kernel
 
-    path = ROOT / "benchmarks" / "triton_compile.py"
-    spec = importlib.util.spec_from_file_location("triton_compile", path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    results = module.compile_all((80, 90))
+    results = benchmark_script("triton_compile").compile_all((80, 90))
     seen = {(r.capability, tuple(sorted(r.constexprs.items()))) for r in results}
     every = {(cc, tuple(sorted(s.items()))) for cc in (80, 90) for s in triton_kernel.specializations()}
     assert seen == every and len(results) == 32
