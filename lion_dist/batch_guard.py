@@ -172,6 +172,15 @@ class BatchGuard:
         self.source = source
         self.checked = False
 
+    def declare(self, global_batch_size: int, source: str = "global_batch_size") -> None:
+        """Set the effective batch from whoever owns it (DeepSpeed's train_batch_size, say), to be checked again.
+
+        `source` says where the number came from, for the message.
+        """
+        if not isinstance(global_batch_size, int) or isinstance(global_batch_size, bool) or global_batch_size < 1:
+            raise ValueError(f"global_batch_size must be a positive int, got {global_batch_size!r}")
+        self.global_batch_size, self.source, self.checked = global_batch_size, source, False
+
     def check(self, params: Iterable[torch.Tensor], data_parallel_size: int | None = None) -> None:
         """Warn (rank 0, once per process) or raise (every rank) when the effective batch is too small.
 

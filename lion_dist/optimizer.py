@@ -264,6 +264,13 @@ class Lion(Optimizer):
         super().__setstate__(state)
         self._plans = PlanCache()  # a copy plans its own tensors
 
+    def declare_batch_size(self, global_batch_size: int, *, source: str = "global_batch_size") -> None:
+        """Tell the batch guard the effective (global) batch and check it now, with this optimizer's
+        `min_batch_size` and `batch_size_policy`. For code that owns the batch (a DeepSpeed engine's
+        `train_batch_size`); `source` says where the number came from, for the message."""
+        self._batch_guard.declare(global_batch_size, source)
+        self._batch_guard.check(())
+
     @property
     def skipped_steps(self) -> int:
         """Steps skipped because a gradient was non-finite (policy "skip")."""
