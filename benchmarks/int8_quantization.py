@@ -33,7 +33,8 @@ from torch import Tensor
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from lion_dist import Lion, momentum, spec
+from lion_dist import Lion, spec
+from lion_dist.formats import int8
 from lion_dist.spec import NoiseStream
 from lion_dist.train.data import load_corpus, train_batches
 from lion_dist.train.model import GPT, GPTConfig
@@ -129,8 +130,7 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
     steps = 3 if args.smoke else args.steps
     model = GPT(GPTConfig(vocab_size=corpus.vocab_size, seq_len=64, n_head=4, **size))
     opt = Lion(model.parameters(), lr=1e-3, betas=BETAS, weight_decay=0.1, batch_size_policy="ignore")
-    group = {**opt.param_groups[0], "momentum_dtype": torch.int8}
-    quantized = [p for p in model.parameters() if momentum.is_int8(p, group)]
+    quantized = [p for p in model.parameters() if int8.refusal(p) is None]
     fmts = formats()
     shadows = {f.name: [f.quantize(torch.zeros_like(p), None) for p in quantized] for f in fmts}
     wrong = dict.fromkeys(shadows, 0)

@@ -48,8 +48,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from lion_dist import Lion, functional
-from lion_dist.backends import cpu_kernel, resolve_backend
+from lion_dist import Lion, backends, functional
+from lion_dist.backends import Entry, Need, NoisePlace, StepArgs
+from lion_dist.backends.cpu import build as cpu_build
+from lion_dist.backends.cpu import library as cpu_library
+from lion_dist.formats.floats import FloatMomentum
 from lion_dist.spec import LionHyperparams
 
 LR, WD, BETAS = 1e-4, 0.01, (0.9, 0.99)
@@ -115,8 +118,8 @@ class Peer:
 
 def _lion_dist(backend: str, nonfinite: str = "ignore", stochastic_rounding: bool = False, **options) -> Callable:
     def make(params):
-        if backend == "cpu_fused" and not cpu_kernel.is_available():
-            raise Unavailable(f"the fused CPU kernel is unavailable ({cpu_kernel.unavailable_reason()})")
+        if backend == "cpu_fused" and not cpu_library.is_available():
+            raise Unavailable(f"the fused CPU kernel is unavailable ({cpu_library.unavailable_reason()})")
         hp = dict(lr=LR, betas=BETAS, weight_decay=WD, stochastic_rounding=stochastic_rounding, **options)
         return Lion(params, **hp, backend=backend, nonfinite=nonfinite, batch_size_policy="ignore")
 
@@ -173,7 +176,7 @@ def _adamw(**flags) -> Callable:
 def peers(device: str, quick: bool) -> tuple[list[Peer], list[tuple[str, str]]]:
     """The optimizers to time on `device`, and (name, reason) for those that cannot run on it."""
     skipped: list[tuple[str, str]] = []
-    auto = resolve_backend("auto", torch.device(device), LionHyperparams(lr=LR, beta1=BETAS[0], beta2=BETAS[1]))
+    auto = backends.select("auto", Need(device, (torch.float32,) * 3))
     run = [Peer(f"lion_dist (auto: {auto})", "lion", _lion_dist("auto"), True)]
     run.append(Peer("lion_dist auto, nonfinite='skip'", "lion", _lion_dist("auto", "skip")))
     sr = _lion_dist("auto", stochastic_rounding=True)
@@ -482,27 +485,27 @@ class _NoLaunch:
 
 def _triton_launcher_host(report: Report, smoke: bool, repeats: int) -> None:
     try:
-        from lion_dist.backends import Entry, triton_kernel
+        from lion_dist.backends.triton import kernels as triton_kernel
     except Exception as e:
         report.not_run["Triton launcher host time"] = f"{type(e).__name__}: {e}".splitlines()[0]
         return
     gpt2 = [(50257, 768), (1024, 768), *gpt2_block_shapes(768) * 12, (768,), (768,)]
     cases = {"GPT-2 small": gpt2[:20] if smoke else gpt2, "W3": [(1024,)] * (50 if smoke else 2000)}
     hp = LionHyperparams(lr=LR, beta1=BETAS[0], beta2=BETAS[1], weight_decay=WD)
-    backend = triton_kernel.BACKEND
     original = triton_kernel._lion_kernel, triton_kernel.check_device
     triton_kernel._lion_kernel, triton_kernel.check_device = _NoLaunch(), lambda device: None
     try:
         for case, shapes in cases.items():
             params = [torch.empty(s) for s in shapes]  # addresses are all the launcher reads
-            entries = [Entry(p, torch.empty_like(p), torch.float32, i) for i, p in enumerate(params)]
-            prepared = backend.prepare(entries)
+            fmt = FloatMomentum(None)
+            entries = [Entry(p, (torch.empty_like(p),), fmt, p.dtype, NoisePlace(i)) for i, p in enumerate(params)]
+            prepared = triton_kernel.prepare(entries)
             grads: list[torch.Tensor] = []
 
             def refresh(params=params, grads=grads) -> None:
                 grads[:] = [torch.empty(p.shape) for p in params]
 
-            us = _host_us(lambda p=prepared, g=grads: backend.step(p, g, hp), refresh, repeats)
+            us = _host_us(lambda p=prepared, g=grads: triton_kernel.step(p, g, StepArgs(hp)), refresh, repeats)
             label = f"Triton launcher, launch stubbed ({len(shapes)} tensors)"
             report.host.append(HostRow(f"{case}: {len(shapes)} tensors", label, us, len(shapes)))
     finally:
@@ -594,9 +597,9 @@ def measure_cpu_kernel_build(report: Report) -> None:
     try:
         with tempfile.TemporaryDirectory() as d:
             t0 = time.perf_counter()
-            path = cpu_kernel.build(Path(d))
+            path = cpu_build.build(Path(d))
             report.machine["cpu_kernel_build_s"] = time.perf_counter() - t0
-            report.machine["cpu_kernel_build"] = f"{cpu_kernel.compiler()}, {path.name}"
+            report.machine["cpu_kernel_build"] = f"{cpu_build.compiler()}, {path.name}"
     except Exception as e:
         report.not_run["lion_dist CPU kernel build"] = f"{type(e).__name__}: {e}".splitlines()[0]
 

@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Iterable
+from collections.abc import Callable
 
-import torch
 import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh
-from torch.distributed.tensor import DTensor
+
+from lion_dist import _torch
 
 POLICIES = ("warn", "error", "ignore")
 
@@ -35,6 +35,10 @@ class SmallBatchWarning(UserWarning):
 
 def _rank() -> int:
     return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+def _world_size() -> int:
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
 def _words(name: str) -> list[str]:
@@ -59,7 +63,7 @@ def _context_size(mesh: DeviceMesh, name: str) -> int | None:
     the root mesh it was sliced from (torchtitan and Accelerate build one with a dim per parallelism, dropping
     the dims of size 1); None where there is no such root (one without data- or context-parallel dims, like a
     1-D world mesh unflattened into several meshes, does not say)."""
-    root = mesh._get_root_mesh() if hasattr(mesh, "_get_root_mesh") else mesh
+    root = _torch.root_mesh(mesh)
     contexts = {dim: set(_words(n)) for dim, n in enumerate(root.mesh_dim_names or ()) if _is_context(n)}
     if root is mesh or not (contexts or any(_dim_kind(n) == "data" for n in root.mesh_dim_names or ())):
         return None
@@ -71,7 +75,7 @@ def _is_context(name: str) -> bool:
     return bool(_words(name)) and set(_words(name)) <= _CONTEXT_WORDS
 
 
-def _mesh_data_parallel_size(mesh: DeviceMesh) -> int:
+def mesh_data_parallel_size(mesh: DeviceMesh) -> int:
     """How many different batches the ranks of `mesh` see: the product of its data-parallel dims, a flattened
     data x context dim divided by its context part, model-parallel dims left out. Unnamed dims are data
     parallel (FSDP2's own 1-D and HSDP 2-D meshes); a dim this cannot read counts as data parallel, with one
@@ -113,18 +117,6 @@ def _mesh_data_parallel_size(mesh: DeviceMesh) -> int:
     return size
 
 
-def infer_data_parallel_size(params: Iterable[torch.Tensor] = ()) -> int:
-    """How many ranks see different data: from the first DTensor param's mesh (HSDP: replicate x shard;
-    torchtitan: dp_replicate x dp_shard, leaving out cp, tp, pp and the cp part of dp_shard_cp), else the
-    default process group's size (1 without torch.distributed)."""
-    for p in params:
-        if isinstance(p, DTensor):
-            return _mesh_data_parallel_size(p.device_mesh)
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_world_size()
-    return 1
-
-
 def global_batch_size(micro_batch_size: int, grad_accum_steps: int = 1, data_parallel_size: int | None = None) -> int:
     """The effective batch: `micro_batch_size x grad_accum_steps x data_parallel_size`.
 
@@ -134,7 +126,7 @@ def global_batch_size(micro_batch_size: int, grad_accum_steps: int = 1, data_par
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
             raise ValueError(f"{name} must be a positive int, got {value!r}")
     if data_parallel_size is None:
-        data_parallel_size = infer_data_parallel_size()
+        data_parallel_size = _world_size()
     if not isinstance(data_parallel_size, int) or isinstance(data_parallel_size, bool) or data_parallel_size < 1:
         raise ValueError(f"data_parallel_size must be a positive int, got {data_parallel_size!r}")
     return micro_batch_size * grad_accum_steps * data_parallel_size
@@ -181,10 +173,11 @@ class BatchGuard:
             raise ValueError(f"global_batch_size must be a positive int, got {global_batch_size!r}")
         self.global_batch_size, self.source, self.checked = global_batch_size, source, False
 
-    def check(self, params: Iterable[torch.Tensor], data_parallel_size: int | None = None) -> None:
+    def check(self, data_parallel_size: Callable[[], int | None] | None = None) -> None:
         """Warn (rank 0, once per process) or raise (every rank) when the effective batch is too small.
 
-        `data_parallel_size` overrides what `infer_data_parallel_size(params)` would say.
+        `data_parallel_size()` says how many ranks see different data (asked only when the batch is given as a
+        micro batch; None or no function: the default process group's size).
         """
         if self.checked or self.policy == "ignore":
             return
@@ -192,7 +185,7 @@ class BatchGuard:
         if self.global_batch_size is not None:
             batch, how = self.global_batch_size, self.source
         elif self.micro_batch_size is not None:
-            dp = data_parallel_size or infer_data_parallel_size(params)
+            dp = (data_parallel_size() if data_parallel_size is not None else None) or _world_size()
             batch = global_batch_size(self.micro_batch_size, self.grad_accum_steps, dp)
             how = (
                 f"micro batch {self.micro_batch_size} x grad accumulation {self.grad_accum_steps} "

@@ -36,8 +36,9 @@ from typing import Any
 
 import torch
 
+from lion_dist import formats
 from lion_dist.batch_guard import BatchGuard
-from lion_dist.optimizer import MOMENTUM_DTYPE_NAMES, Lion
+from lion_dist.optimizer import Lion
 
 OPTIMIZER_TYPE = "LionDist"
 
@@ -133,12 +134,12 @@ def _lion_params(params: Any, *, batch_keys: bool) -> dict[str, Any]:
             )
     if isinstance(kwargs.get("momentum_dtype"), str):
         name = kwargs["momentum_dtype"]
-        if name not in MOMENTUM_DTYPE_NAMES:
+        if not formats.is_known(formats.canonical(name)):
             raise ValueError(
                 f'DeepSpeed config "optimizer.params.momentum_dtype" is {name!r}; use one of '
-                f"{sorted(MOMENTUM_DTYPE_NAMES)} or null"
+                f"{formats.describe_choices()} or null"
             )
-        kwargs["momentum_dtype"] = MOMENTUM_DTYPE_NAMES[name]
+        kwargs["momentum_dtype"] = formats.canonical(name)
     if isinstance(kwargs.get("betas"), list):
         kwargs["betas"] = tuple(kwargs["betas"])
     try:
@@ -250,7 +251,7 @@ def initialize(
     engine, ds_optimizer, dataloader, scheduler = deepspeed.initialize(**passthrough, config=ds_config)
     guard = _engine_guard(engine, guard_args)
     engine.basic_optimizer._batch_guard = guard
-    guard.check(())
+    guard.check()
     return engine, ds_optimizer, dataloader, scheduler
 
 

@@ -26,8 +26,6 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from lion_dist.backends import cpu_kernel
-
 POLICIES = ("skip", "error", "ignore")
 
 
@@ -39,11 +37,20 @@ def _distributed() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
-def _flag_device(grads: Sequence[Tensor]) -> torch.device:
-    device = grads[0].device if grads else torch.device("cpu")
-    if _distributed() and device.type == "cpu" and "gloo" not in str(dist.get_backend()):
-        device = torch.device("cuda", torch.cuda.current_device())  # an NCCL-only group cannot reduce CPU tensors
-    return device
+def _reduce_device(grads: Sequence[Tensor]) -> torch.device:
+    """Where the flag is all-reduced: the same device type on every rank, chosen from the process group (a rank
+    whose local shards are all empty has no gradient to ask), so that every rank uses the same backend of a
+    "cpu:gloo,cuda:nccl" group; not distributed, the gradients' device."""
+    cuda = next((g.device for g in grads if g.is_cuda), None)
+    if not _distributed():
+        return grads[0].device if grads else torch.device("cpu")
+    if "nccl" in str(dist.get_backend()):
+        return cuda or torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def _capturing() -> bool:
+    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
 
 
 def nonfinite_mask(grads: Sequence[Tensor]) -> list[Tensor]:
@@ -57,7 +64,7 @@ def nonfinite_mask(grads: Sequence[Tensor]) -> list[Tensor]:
         if g.numel():
             buckets[(g.device, g.dtype)].append(i)
     for (device, _), index in buckets.items():
-        if device.type == "cpu" and (flags := cpu_kernel.nonfinite_flags([grads[i] for i in index])) is not None:
+        if device.type == "cpu" and (flags := _cpu_flags([grads[i] for i in index])) is not None:
             if flags.any():  # else every entry stays the shared False
                 for i, flag in zip(index, flags.bool().unbind(), strict=True):
                     result[i] = flag
@@ -68,8 +75,11 @@ def nonfinite_mask(grads: Sequence[Tensor]) -> list[Tensor]:
     return result
 
 
-def _capturing(flag: Tensor) -> bool:
-    return flag.device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+def _cpu_flags(tensors: Sequence[Tensor]) -> Tensor | None:
+    """The fused CPU kernel's one-pass check, when it is available."""
+    from lion_dist.backends.cpu import library
+
+    return library.nonfinite_flags(tensors)
 
 
 class NonfiniteGuard:
@@ -96,8 +106,10 @@ class NonfiniteGuard:
         """
         if self.policy == "ignore":
             return None
-        self._warn_for_earlier_skips()
-        device = _flag_device(grads)
+        capturing = _capturing()
+        if not capturing:  # querying an event inside a stream capture is an error
+            self._warn_for_earlier_skips()
+        device = _reduce_device(grads)
         mask = nonfinite_mask(grads)
         flag = (
             torch.stack(mask).any().to(device, torch.int32).reshape(1)
@@ -106,6 +118,8 @@ class NonfiniteGuard:
         )
         if _distributed():
             dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        if grads and grads[0].device != flag.device:  # the fused GPU kernel reads the flag on its own device
+            flag = flag.to(grads[0].device, non_blocking=True)
 
         if self.policy == "error":
             if bool(flag):
@@ -118,10 +132,10 @@ class NonfiniteGuard:
             if skip:
                 self._warn_skipped()
             return skip
-        if not (self._warned or _capturing(flag)):  # read later, once the copy has landed: never a host sync
+        if not (self._warned or capturing):  # read later, once the copy has landed: never a host sync
             event = torch.cuda.Event()
             self._pending.append((flag.to("cpu", non_blocking=True), event))
-            event.record()
+            event.record(torch.cuda.current_stream(flag.device))  # the flag's device, not the current one
         return flag
 
     def _raise(self, mask: Sequence[Tensor], describe: Callable[[int], str]) -> None:

@@ -17,7 +17,8 @@ from __future__ import annotations
 
 from array import array
 from collections import OrderedDict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from itertools import compress, repeat
 from operator import attrgetter, is_, is_not
@@ -27,9 +28,10 @@ import torch
 from torch import Tensor
 from torch.distributed.tensor import DTensor
 
-from lion_dist import backends, momentum, shards
-from lion_dist.backends import Backend, Entry, Need
-from lion_dist.spec import DeviceKey, LionHyperparams
+from lion_dist import _torch, backends, formats, layouts
+from lion_dist.backends import Backend, Entry, Need, NoisePlace, StepArgs
+from lion_dist.formats import compensation
+from lion_dist.layouts import Layout
 
 ROUTING_KEYS = (
     "backend",
@@ -70,6 +72,7 @@ class GroupPlan:
     grad_devices: list[int]
     nonempty: list[int] | None  # of the params with a gradient, those with local elements (None: all)
     present: list[Tensor]  # the params with a gradient (empty local shards included: collectives count them)
+    present_layouts: list[Layout]
     entries: list[Entry]
     entry_params: list[Tensor]  # the (global) param of each entry
     entry_numels: list[int]  # elements of each entry's whole param, as real numbers (a complex one counts 2)
@@ -89,41 +92,39 @@ class Bound:
     def __init__(self, plan: GroupPlan, grads: list[Tensor]) -> None:
         self.plan, self.grads = plan, grads
 
-    def step(
-        self,
-        hp: LionHyperparams,
-        *,
-        skip: Tensor | None,
-        sr_key: int | DeviceKey | None,
-        means: Sequence[Tensor] | None,
-        quant_key: int | DeviceKey | None = None,
-    ) -> None:
+    def step(self, args: StepArgs) -> None:
         """One Lion step of every entry, each route on its backend."""
         single = len(self.plan.routes) == 1
-        for original, copy in self.plan.staged:
-            copy.copy_(original)
-        for route in self.plan.routes:
-            grads = self.grads if single else [self.grads[i] for i in route.index]
-            route_means = None if means is None else [means[i] for i in route.index]
-            route.backend.step(
-                route.prepared, grads, hp, skip=skip, sr_key=sr_key, means=route_means, quant_key=quant_key
-            )
-        for original, copy in self.plan.staged:
-            original.copy_(copy)
+        with _staged(self.plan):
+            for route in self.plan.routes:
+                grads = self.grads if single else [self.grads[i] for i in route.index]
+                route.backend.step(route.prepared, grads, args.subset(route.index))
 
-    def direction(self, hp: LionHyperparams) -> list[Tensor]:
-        """Each entry's `u = sign(c)`, momentum advanced (the first half of Distributed Lion's step)."""
+    def direction(self, args: StepArgs) -> list[Tensor]:
+        """Each entry's sign of `c`, momentum advanced (the first half of Distributed Lion's step)."""
         result: list[Tensor] = list(self.grads)
-        for route in self.plan.routes:
-            directions = route.backend.direction(route.prepared, [self.grads[i] for i in route.index], hp)
-            for i, u in zip(route.index, directions, strict=True):
-                result[i] = u
+        with _staged(self.plan):
+            for route in self.plan.routes:
+                directions = route.backend.direction(route.prepared, [self.grads[i] for i in route.index], args)
+                for i, u in zip(route.index, directions, strict=True):
+                    result[i] = u
         return result
 
-    def apply(self, directions: Sequence[Tensor], hp: LionHyperparams, sr_key: int | DeviceKey | None) -> None:
+    def apply(self, directions: Sequence[Tensor], args: StepArgs) -> None:
         """`p <- p * (1 - lr * wd) - lr * u` on every entry (the second half)."""
-        for route in self.plan.routes:
-            route.backend.apply(route.prepared, [directions[i] for i in route.index], hp, sr_key)
+        with _staged(self.plan):
+            for route in self.plan.routes:
+                route.backend.apply(route.prepared, [directions[i] for i in route.index], args)
+
+
+@contextmanager
+def _staged(plan: GroupPlan) -> Iterator[None]:
+    """Around a fused backend's work: strided originals into their contiguous copies, and back."""
+    for original, copy in plan.staged:
+        copy.copy_(original)
+    yield
+    for original, copy in plan.staged:
+        original.copy_(copy)
 
 
 def signature(group: dict[str, Any]) -> tuple:
@@ -163,6 +164,13 @@ class PlanCache:
         plan = _find(plans, params, mask, sig)
         local_grads = None if plan is None else _check(plan, present)
         if local_grads is None:  # a new plan: this raises if a gradient does not fit its param
+            if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
+                raise RuntimeError(
+                    "lion_dist: a CUDA graph is being captured, but this step needs a new plan (the first step, or "
+                    "new params, gradients or settings), whose tables are built with host copies that a capture "
+                    "cannot record. Take one step before capturing, and keep the gradients alive between steps "
+                    "(zero_grad(set_to_none=False))."
+                )
             key = (tuple(map(id, params)), None if mask is None else tuple(mask), sig)
             for stale in [k for k, other in plans.items() if other.signature != sig]:
                 del plans[stale]  # built for other routing keys: `build` may replace the state tensors they hold
@@ -220,7 +228,7 @@ def _locals_moved(plan: GroupPlan) -> bool:
     """Whether a DTensor param's local tensor is no longer the one the plan prepared (e.g. FSDP2 resharded it)."""
     if plan.dtensor_specs is None:
         return False
-    return not all(map(is_, map(shards.local, plan.entry_params), plan.local_params))
+    return not all(map(is_, map(layouts.local, plan.entry_params), plan.local_params))
 
 
 def _check_grads(plan: GroupPlan, present: list[Tensor]) -> list[Tensor] | None:
@@ -233,11 +241,11 @@ def _check_grads(plan: GroupPlan, present: list[Tensor]) -> list[Tensor] | None:
     """
     try:
         if plan.dtensor_specs is not None:
-            specs = [getattr(g, "_spec", None) for g in present]
+            specs = list(map(_torch.spec, present))
             same = all(map(is_, specs, plan.dtensor_specs))
             if not same and not all(map(_same_layout, specs, plan.dtensor_specs)):
                 return None
-            present = list(map(shards.local, present))
+            present = list(map(layouts.local, present))
             if not same and (
                 list(map(Tensor.size, present)) != plan.grad_sizes
                 or list(map(Tensor.get_device, present)) != plan.grad_devices
@@ -258,16 +266,26 @@ def _same_layout(spec: Any, expected: Any) -> bool:
     return spec is expected or (spec.mesh == expected.mesh and spec.placements == expected.placements)
 
 
-def _validated_local_grad(p: Tensor, name: str) -> Tensor:
+def _validated_local_grad(p: Tensor, layout: Layout, name: str) -> Tensor:
     grad = p.grad
     if grad.is_sparse:
         raise TypeError(
             f"Lion does not support sparse gradients, got one for {name}; use a dense embedding (sparse=False)"
         )
-    local_g = shards.local_grad(p, name)
+    local_g = layout.local_grad(p, name)
     if local_g.is_sparse or local_g.layout != torch.strided:
         raise TypeError(f"Lion needs dense (strided) gradients, got a {local_g.layout} one for {name}")
+    if local_g.shape != layout.local(p).shape:
+        raise ValueError(
+            f"{name}: the local gradient has shape {tuple(local_g.shape)}, the local param "
+            f"{tuple(layout.local(p).shape)}; a gradient must match its param element for element"
+        )
     return local_g
+
+
+def _real(t: Tensor) -> Tensor:
+    """A complex tensor's real view (Lion is element-wise: real and imaginary parts are elements of their own)."""
+    return torch.view_as_real(t) if t.is_complex() else t
 
 
 def build(
@@ -279,34 +297,42 @@ def build(
     sig: tuple,
     split: bool,
 ) -> GroupPlan:
-    """Validate a group's params and gradients, create missing momenta, and route and prepare every tensor."""
+    """Validate a group's params and gradients, create or convert their state, and route and prepare every
+    tensor."""
     params = group["params"]
     positions = [pi for pi, g in enumerate(grads) if g is not None]
-    local_grads = [_validated_local_grad(params[pi], name(pi)) for pi in positions]
-    any_dtensor = any(isinstance(params[pi], DTensor) for pi in positions)
+    present_layouts = [layouts.of(params[pi]) for pi in positions]
+    local_grads = [
+        _validated_local_grad(params[pi], layout, name(pi))
+        for pi, layout in zip(positions, present_layouts, strict=True)
+    ]
+    group_format = formats.of_group(group)
 
     entries: list[Entry] = []
     entry_params, entry_numels, entry_positions, nonempty = [], [], [], []
     staged: list[tuple[Tensor, Tensor]] = []
     originals: list[tuple[Tensor, Tensor]] = []
     chosen: dict[tuple[str, torch.device], list[int]] = {}
-    for k, (pi, g) in enumerate(zip(positions, local_grads, strict=True)):
+    for k, (pi, g, layout) in enumerate(zip(positions, local_grads, present_layouts, strict=True)):
         p = params[pi]
-        momentum.conform(p, state[p], group, create=True)
-        local_p, local_m = shards.local(p), shards.local(state[p]["exp_avg"])
-        scales, compensation = (state[p].get(k) for k in ("exp_avg_scale", "compensation"))
+        formats.conform(p, state[p], group, layout, create=True)
+        local_p = layout.local(p)
         if local_p.numel() == 0:  # an empty shard (FSDP uneven sharding): nothing to update
             continue
-        if p.is_complex():  # updated as its real view: each real and imaginary part takes its own sign
-            local_p, local_m, g = torch.view_as_real(local_p), torch.view_as_real(local_m), torch.view_as_real(g)
+        fmt = group_format.for_param(p)
+        local_state = tuple(_real(layout.local(state[p][key])) for key in fmt.keys)
+        local_c = state[p].get(compensation.KEY)
+        local_p, g = _real(local_p), _real(g)
+        momentum_dtype = fmt.float_dtype(p)
         need = Need(
             local_p.device.type,
-            (local_p.dtype, g.dtype, local_m.dtype),
+            (local_p.dtype, g.dtype, local_state[0].dtype if momentum_dtype is not None else torch.float32),
             cautious=group["cautious_factor"] is not None or group["cautious_wd"],
             stochastic_rounding=group["stochastic_rounding"] and local_p.dtype == torch.bfloat16,
             split=split,
             capturable=group["capturable"],
-            compensation=compensation is not None,
+            compensation=local_c is not None,
+            format=fmt.kind,
         )
         try:
             backend = backends.select(group["backend"], need)
@@ -316,25 +342,22 @@ def build(
         entry_numels.append(p.numel() * (2 if p.is_complex() else 1))
         entry_positions.append(pi)
         nonempty.append(k)
-        originals.append((local_p, local_m))
-        local_c = None if compensation is None else shards.local(compensation)
+        originals.append((local_p, local_state[0]))
         if not backends.capabilities(backend).strided:  # a fused kernel updates contiguous copies of strided tensors
-            local_p, local_m = (staged_copy(t, staged) for t in (local_p, local_m))
-        base, shard = shards.noise_place(p)
+            local_p = staged_copy(local_p, staged)
+            local_state = tuple(staged_copy(t, staged) for t in local_state)
+        base, shard = layout.noise_place()
         if p.is_complex():
             base *= 2
         chosen.setdefault((backend, local_p.device), []).append(len(entries))
         entries.append(
             Entry(
                 local_p,
-                local_m,
+                local_state,
+                fmt,
                 g.dtype,
-                pi,
-                base,
-                shard,
-                scales=None if scales is None else shards.local(scales),
-                block=group["int8_block_size"],
-                compensation=local_c,
+                NoisePlace(pi, base, shard),
+                compensation=None if local_c is None else layout.local(local_c),
             )
         )
 
@@ -343,19 +366,19 @@ def build(
     for (backend_name, _), index in chosen.items():
         backend = backends.get(backend_name)
         routes.append(Route(backend, index, backend.prepare([entries[i] for i in index])))
-    local_params = [shards.local(p) for p in entry_params]
+    local_params = [layouts.local(p) for p in entry_params]
+    any_dtensor = any(isinstance(params[pi], DTensor) for pi in positions)
     return GroupPlan(
         params=tuple(params),
         mask=mask,
         signature=sig,
-        dtensor_specs=[params[pi]._spec if isinstance(params[pi], DTensor) else None for pi in positions]
-        if any_dtensor
-        else None,
+        dtensor_specs=[_torch.spec(params[pi]) for pi in positions] if any_dtensor else None,
         grad_dtypes=[g.dtype for g in local_grads],
         grad_sizes=[g.size() for g in local_grads],
         grad_devices=[g.get_device() for g in local_grads],
         nonempty=None if len(nonempty) == len(positions) else nonempty,
         present=[params[pi] for pi in positions],
+        present_layouts=present_layouts,
         entries=entries,
         entry_params=entry_params,
         entry_numels=entry_numels,

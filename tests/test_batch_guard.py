@@ -18,7 +18,7 @@ from torch.distributed.tensor import Replicate, Shard, distribute_tensor
 
 import lion_dist
 from lion_dist import Lion, SmallBatchWarning, batch_guard
-from lion_dist.batch_guard import infer_data_parallel_size
+from lion_dist.layouts import data_parallel_size as infer_data_parallel_size
 from tests.distributed import spawn
 
 

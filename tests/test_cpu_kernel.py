@@ -16,8 +16,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from lion_dist import Lion
-from lion_dist.backends import cpu_kernel, resolve_backend
+from lion_dist import Lion, backends
+from lion_dist.backends import Need
+from lion_dist.backends.cpu import build as cpu_build
+from lion_dist.backends.cpu import library as cpu_library
+from lion_dist.functional import lion
 from lion_dist.nonfinite import nonfinite_mask
 from lion_dist.spec import LionHyperparams, lion_reference
 from tests.scripts import benchmark_script
@@ -32,7 +35,7 @@ HPS = [
 
 @pytest.fixture(scope="module", autouse=True)
 def kernel_built() -> None:
-    assert cpu_kernel.is_available(), cpu_kernel.unavailable_reason()
+    assert cpu_library.is_available(), cpu_library.unavailable_reason()
 
 
 @contextmanager
@@ -92,7 +95,7 @@ def test_equals_reference_bit_for_bit_for_every_dtype_combination(dtypes) -> Non
         params, grads, moms = make_triples(dtypes)
         expected = reference(params, grads, moms, hp, steps=3)
         for _ in range(3):
-            cpu_kernel.lion_cpu_fused(params, grads, moms, hp)
+            lion(params, grads, moms, hp, backend="cpu_fused")
         assert_same(params + moms, expected[0] + expected[1])
 
 
@@ -103,8 +106,8 @@ def test_any_thread_count_gives_the_same_bits_including_stochastic_rounding() ->
         params, grads, moms = make_triples((BF16, FP32, FP32))
         fp32_params, _, fp32_moms = make_triples((FP32, FP32, FP32))
         with num_threads(n):
-            cpu_kernel.lion_cpu_fused(params, grads, moms, hp, sr_seed=1234)
-            cpu_kernel.lion_cpu_fused(fp32_params, grads, fp32_moms, hp)
+            lion(params, grads, moms, hp, backend="cpu_fused", sr_seed=1234)
+            lion(fp32_params, grads, fp32_moms, hp, backend="cpu_fused")
         results.append([bits(t) for t in params + moms + fp32_params + fp32_moms])
     for other in results[1:]:
         assert all(torch.equal(a, b) for a, b in zip(results[0], other, strict=True))
@@ -112,24 +115,24 @@ def test_any_thread_count_gives_the_same_bits_including_stochastic_rounding() ->
 
 def openmp_libraries_loaded() -> set[str]:
     with open("/proc/self/maps") as f:
-        return {line.split()[-1] for line in f if cpu_kernel._OPENMP_LIBRARY.match(Path(line.split()[-1]).name)}
+        return {line.split()[-1] for line in f if cpu_build._OPENMP_LIBRARY.match(Path(line.split()[-1]).name)}
 
 
 def test_runs_on_torchs_openmp_threads_and_the_pthreads_build_gives_the_same_bits(monkeypatch, tmp_path) -> None:
-    runtime = cpu_kernel.openmp_runtime()
+    runtime = cpu_build.openmp_runtime()
     assert runtime is not None, "torch on Linux runs its CPU ops on an OpenMP runtime"
-    assert "_openmp_" in cpu_kernel.library_path().name
+    assert "_openmp_" in cpu_library.library_path().name
     assert openmp_libraries_loaded() == {str(runtime)}  # the kernel added no second OpenMP runtime
 
     hp = HPS[1]
     results = []
-    for lib in (cpu_kernel._library().lib, cpu_kernel._load(cpu_kernel.build(tmp_path, openmp=False))):
-        monkeypatch.setattr(cpu_kernel, "_library", lambda lib=lib: cpu_kernel._Loaded(lib, None, 0.0, None))
+    for lib in (cpu_library.library().lib, cpu_library.load(cpu_build.build(tmp_path, openmp=False))):
+        monkeypatch.setattr(cpu_library, "library", lambda lib=lib: cpu_library._Loaded(lib, None, 0.0, None))
         params, grads, moms = make_triples((BF16, FP32, BF16))
         fp32 = make_triples((FP32, FP32, FP32))
         with num_threads(2):
-            cpu_kernel.lion_cpu_fused(params, grads, moms, hp, sr_seed=99)
-            cpu_kernel.lion_cpu_fused(*fp32, hp)
+            lion(params, grads, moms, hp, backend="cpu_fused", sr_seed=99)
+            lion(*fp32, hp, backend="cpu_fused")
         results.append([bits(t) for t in params + moms + fp32[0] + fp32[2]])
     assert [p.name.split("_")[4] for p in tmp_path.iterdir()] == ["pthreads"]
     assert all(torch.equal(a, b) for a, b in zip(*results, strict=True))
@@ -165,7 +168,7 @@ def test_mixed_dtypes_noncontiguous_and_unsupported_dtypes_in_one_call() -> None
     ]
     expected = reference(params, grads, moms, hp)
     originals = [p.data_ptr() for p in params]
-    cpu_kernel.lion_cpu_fused(params, grads, moms, hp)
+    lion(params, grads, moms, hp, backend="cpu_fused")
     assert [p.data_ptr() for p in params] == originals  # updated in place, through any copies
     assert_same(params + moms, expected[0] + expected[1])
 
@@ -174,7 +177,7 @@ def test_many_tiny_tensors_in_one_call() -> None:
     hp = HPS[0]
     params, grads, moms = make_triples((FP32, BF16, BF16), sizes=[10 + i % 7 for i in range(3000)])
     expected = reference(params, grads, moms, hp)
-    cpu_kernel.lion_cpu_fused(params, grads, moms, hp)
+    lion(params, grads, moms, hp, backend="cpu_fused")
     assert_same(params + moms, expected[0] + expected[1])
 
 
@@ -186,7 +189,7 @@ def test_stochastic_rounding_is_reproducible_and_unbiased() -> None:
     def step(seed):
         p = torch.ones(n, dtype=BF16)
         p[:3] = torch.tensor([float("inf"), -float("inf"), float("nan")])
-        cpu_kernel.lion_cpu_fused([p], [torch.ones(n)], [torch.zeros(n)], hp, sr_seed=seed)
+        lion([p], [torch.ones(n)], [torch.zeros(n)], hp, backend="cpu_fused", sr_seed=seed)
         return p
 
     a, b, c, nearest = step(7), step(7), step(8), step(None)
@@ -202,8 +205,7 @@ def test_stochastic_rounding_is_reproducible_and_unbiased() -> None:
 
 
 def test_optimizer_uses_it_and_matches_the_reference_backend() -> None:
-    hp = LionHyperparams(lr=1e-3, beta1=0.9, beta2=0.99)
-    assert resolve_backend("auto", torch.device("cpu"), hp) == "cpu_fused"
+    assert backends.select("auto", Need("cpu", (FP32,) * 3)) == "cpu_fused"
 
     def train(backend, dtype):
         gen = torch.Generator().manual_seed(0)
@@ -230,9 +232,9 @@ def test_nonfinite_flags_and_mask() -> None:
     tensors.append(torch.randn(10, 8, generator=gen)[:, ::2])  # non-contiguous, finite
     tensors.append(torch.full((3,), float("inf")).to(BF16)[::2])
     with num_threads(2):
-        flags = cpu_kernel.nonfinite_flags(tensors)
+        flags = cpu_library.nonfinite_flags(tensors)
     assert flags.tolist() == [1, 1, 0, 0, 0, 1]
-    assert cpu_kernel.nonfinite_flags([torch.zeros(3, dtype=torch.float16)]) is None  # caller checks otherwise
+    assert cpu_library.nonfinite_flags([torch.zeros(3, dtype=torch.float16)]) is None  # caller checks otherwise
     mask = nonfinite_mask([*tensors, torch.tensor([float("nan")], dtype=torch.float16)])
     assert [bool(m) for m in mask] == [True, True, False, False, False, True, True]
     assert not any(bool(m) for m in nonfinite_mask(tensors[2:5]))
@@ -241,16 +243,16 @@ def test_nonfinite_flags_and_mask() -> None:
 def test_bad_input_gets_a_clear_error() -> None:
     hp = HPS[0]
     ones = [torch.ones(3), torch.ones(4)]
-    with pytest.raises(ValueError, match=r"equal numbers of elements.*tensor 1"):
-        cpu_kernel.lion_cpu_fused(ones, [torch.ones(3), torch.ones(5)], ones, hp)
+    with pytest.raises(ValueError, match=r"tensor 1 has param shape \(4,\), grad \(5,\)"):
+        lion(ones, [torch.ones(3), torch.ones(5)], ones, hp, backend="cpu_fused")
     with pytest.raises(ValueError, match="cautious"):
         cautious = LionHyperparams(lr=1e-3, beta1=0.9, beta2=0.99, cautious_factor=0.5)
-        cpu_kernel.lion_cpu_fused([torch.ones(3)], [torch.ones(3)], [torch.ones(3)], cautious)
+        lion([torch.ones(3)], [torch.ones(3)], [torch.ones(3)], cautious, backend="cpu_fused")
 
 
 def test_build_is_cached_and_safe_when_built_concurrently(tmp_path: Path) -> None:
     paths: list[Path] = []
-    threads = [threading.Thread(target=lambda: paths.append(cpu_kernel.build(tmp_path))) for _ in range(2)]
+    threads = [threading.Thread(target=lambda: paths.append(cpu_build.build(tmp_path))) for _ in range(2)]
     for t in threads:
         t.start()
     for t in threads:
@@ -258,7 +260,7 @@ def test_build_is_cached_and_safe_when_built_concurrently(tmp_path: Path) -> Non
     assert len(paths) == 2 and paths[0] == paths[1] and paths[0].exists()
     assert [f.name for f in tmp_path.iterdir()] == [paths[0].name]  # no temporary file left behind
     mtime = paths[0].stat().st_mtime_ns
-    assert cpu_kernel.build(tmp_path) == paths[0] and paths[0].stat().st_mtime_ns == mtime  # cached: not rebuilt
+    assert cpu_build.build(tmp_path) == paths[0] and paths[0].stat().st_mtime_ns == mtime  # cached: not rebuilt
 
 
 def test_an_unwritable_cache_falls_back_to_the_temporary_directory(monkeypatch, tmp_path: Path) -> None:
@@ -266,17 +268,17 @@ def test_an_unwritable_cache_falls_back_to_the_temporary_directory(monkeypatch, 
     not_a_dir.write_text("")
     monkeypatch.setenv("LION_DIST_CACHE", str(not_a_dir / "cache"))  # mkdir fails: a file is in the way
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
-    path = cpu_kernel.build()
+    path = cpu_build.build()
     assert path.parent.parent == tmp_path / "tmp" and path.parent.name.startswith("lion_dist-") and path.exists()
 
 
 @contextmanager
 def fresh_library():
-    cpu_kernel._library.cache_clear()
+    cpu_library.library.cache_clear()
     try:
         yield
     finally:
-        cpu_kernel._library.cache_clear()
+        cpu_library.library.cache_clear()
 
 
 def test_without_a_compiler_auto_falls_back_to_foreach(monkeypatch, tmp_path: Path) -> None:
@@ -284,28 +286,28 @@ def test_without_a_compiler_auto_falls_back_to_foreach(monkeypatch, tmp_path: Pa
     monkeypatch.setenv("LION_DIST_CACHE", str(tmp_path))  # nothing cached there
     monkeypatch.setenv("PATH", str(tmp_path))
     monkeypatch.delenv("CC", raising=False)
-    with pytest.raises(cpu_kernel.CpuKernelUnavailableError, match="no C compiler"):
-        cpu_kernel.build()
+    with pytest.raises(cpu_build.CpuKernelUnavailableError, match="no C compiler"):
+        cpu_build.build()
     with fresh_library():
         with pytest.warns(RuntimeWarning, match="unavailable.*no C compiler"):
-            assert not cpu_kernel.is_available()
+            assert not cpu_library.is_available()
         with warnings.catch_warnings():
             warnings.simplefilter("error")  # said once, and the check stays cheap
-            assert not cpu_kernel.is_available()
-        assert resolve_backend("auto", torch.device("cpu"), hp) == "foreach"
-        with pytest.raises(cpu_kernel.CpuKernelUnavailableError, match="backend='cpu_fused' is unavailable"):
-            cpu_kernel.lion_cpu_fused([torch.ones(2)], [torch.ones(2)], [torch.ones(2)], hp)
+            assert not cpu_library.is_available()
+        assert backends.select("auto", Need("cpu", (FP32,) * 3)) == "foreach"
+        with pytest.raises(RuntimeError, match="backend='cpu_fused' is unavailable"):
+            lion([torch.ones(2)], [torch.ones(2)], [torch.ones(2)], hp, backend="cpu_fused")
         monkeypatch.setenv("LION_DIST_CPU_KERNEL", "0")
-        cpu_kernel._library.cache_clear()
-        assert not cpu_kernel.is_available() and "LION_DIST_CPU_KERNEL=0" in cpu_kernel.unavailable_reason()
+        cpu_library.library.cache_clear()
+        assert not cpu_library.is_available() and "LION_DIST_CPU_KERNEL=0" in cpu_library.unavailable_reason()
 
 
 def test_a_compile_error_is_reported_with_the_compiler_output(monkeypatch, tmp_path: Path) -> None:
     broken = tmp_path / "broken.c"
     broken.write_text("int lion_abi_version(void) { return }\n")
-    monkeypatch.setattr(cpu_kernel, "SOURCE", broken)
-    with pytest.raises(cpu_kernel.CpuKernelUnavailableError, match=r"could not compile(.|\n)*error"):
-        cpu_kernel.build(tmp_path / "cache")
+    monkeypatch.setattr(cpu_build, "SOURCE", broken)
+    with pytest.raises(cpu_build.CpuKernelUnavailableError, match=r"could not compile(.|\n)*error"):
+        cpu_build.build(tmp_path / "cache")
     assert list((tmp_path / "cache").iterdir()) == []
 
 

@@ -14,8 +14,9 @@ import pytest
 import torch
 
 from lion_dist import Lion, backends, spec
-from lion_dist.backends import Entry
+from lion_dist.backends import Entry, StepArgs
 from lion_dist.spec import LionHyperparams, NoiseStream
+from tests.conftest import entry
 from tests.scripts import benchmark_script
 
 QUIET = {"batch_size_policy": "ignore"}
@@ -85,7 +86,7 @@ def _entries(values: dict[str, torch.Tensor], block: int, compensation: bool, dt
         codes, scales = spec.quantize_momentum(m, block)
         p = torch.randn(m.shape, generator=torch.Generator().manual_seed(i)).to(dtype)
         comp = torch.zeros_like(p) if compensation else None
-        entries.append(Entry(p, codes, dtype, i, 0, 0, scales=scales, block=block, compensation=comp))
+        entries.append(entry(p, codes, dtype, i, scales=scales, block=block, compensation=comp))
     return entries
 
 
@@ -103,13 +104,13 @@ def test_foreach_equals_the_int8_reference_bit_for_bit(dtype, rounding, compensa
     for step in range(4):
         grads = [torch.randn(e.param.shape, generator=gen).to(dtype) for e in got]
         key = spec.sr_key(0, 0, step) if rounding == "stochastic" else None
-        foreach.step(prepared, grads, HP, quant_key=key)
-        backends.get("reference").step(want, grads, HP, quant_key=key)
+        foreach.step(prepared, grads, StepArgs(HP, quant_key=key))
+        backends.get("reference").step(want, grads, StepArgs(HP, quant_key=key))
     for a, b in zip(got, want, strict=True):
         for x, y in (
             (a.param, b.param),
             (a.exp_avg, b.exp_avg),
-            (a.scales, b.scales),
+            (a.state[1], b.state[1]),
             (a.compensation, b.compensation),
         ):
             assert (x is None and y is None) or torch.equal(x, y)

@@ -12,8 +12,11 @@ import pytest
 import torch
 
 from lion_dist import backends, spec
-from lion_dist.backends import Entry, cpu_kernel
+from lion_dist.backends import Entry, StepArgs
+from lion_dist.backends.cpu import library as cpu_library
+from lion_dist.formats.int8 import Int8Momentum
 from lion_dist.spec import LionHyperparams
+from tests.conftest import assert_same, entry
 
 FP32, BF16, FP16 = torch.float32, torch.bfloat16, torch.float16
 HPS = [
@@ -22,13 +25,13 @@ HPS = [
 ]
 # (shape, block): a short last block in each row, 1-D, a block wider than its row, the largest block, block 1,
 # and 110k elements in all so that two threads split the work
-LAYOUTS = [((6, 300), 128), ((5000,), 128), ((3, 5), 128), ((2, 4096), cpu_kernel.INT8_MAX_BLOCK), ((777,), 1)]
+LAYOUTS = [((6, 300), 128), ((5000,), 128), ((3, 5), 128), ((2, 4096), cpu_library.INT8_MAX_BLOCK), ((777,), 1)]
 LAYOUTS += [((100, 1000), 256)]
 
 
 @pytest.fixture(scope="module", autouse=True)
 def kernel_built() -> None:
-    assert cpu_kernel.is_available(), cpu_kernel.unavailable_reason()
+    assert cpu_library.is_available(), cpu_library.unavailable_reason()
 
 
 def _entries(param_dtype: torch.dtype, grad_dtype: torch.dtype, seed: int = 0) -> list[Entry]:
@@ -40,7 +43,7 @@ def _entries(param_dtype: torch.dtype, grad_dtype: torch.dtype, seed: int = 0) -
             m[1, :128] = 0.0  # an all-zero block: scale 0
         codes, scales = spec.quantize_momentum(m, block)
         p = torch.randn(shape, generator=gen).to(param_dtype)
-        entries.append(Entry(p, codes, grad_dtype, i, 1000 * i, 0, scales=scales, block=block))
+        entries.append(entry(p, codes, grad_dtype, i, 1000 * i, 0, scales=scales, block=block))
     return entries
 
 
@@ -52,25 +55,9 @@ def _grads(entries: list[Entry], seed: int) -> list[torch.Tensor]:
     return grads
 
 
-def _bits(t: torch.Tensor) -> torch.Tensor:
-    """The bit pattern, every NaN made the same (NaN payloads are not specified)."""
-    t = t.detach().contiguous()
-    if t.dtype == torch.int8:
-        return t
-    as_int = t.view(torch.int16 if t.element_size() == 2 else torch.int32)
-    return torch.where(t.isnan(), torch.full_like(as_int, -1), as_int)
-
-
 def _assert_same(got: list[Entry], want: list[Entry]) -> None:
-    for i, (a, b) in enumerate(zip(got, want, strict=True)):
-        for what, x, y in (
-            ("param", a.param, b.param),
-            ("codes", a.exp_avg, b.exp_avg),
-            ("scales", a.scales, b.scales),
-        ):
-            if x is None and y is None:
-                continue
-            assert torch.equal(_bits(x), _bits(y)), f"tensor {i} {tuple(a.param.shape)}: its {what} differ"
+    for a, b in zip(got, want, strict=True):
+        assert_same([a.param, *a.state], [b.param, *b.state])
 
 
 def _run(entries: list[Entry], steps: int, hp: LionHyperparams, *, param_sr: bool, quant_sr: bool) -> list[Entry]:
@@ -82,8 +69,8 @@ def _run(entries: list[Entry], steps: int, hp: LionHyperparams, *, param_sr: boo
         grads = _grads(entries, step)
         sr_key = spec.sr_key(7, 0, step) if param_sr else None
         quant_key = spec.sr_key(7, 0, step) if quant_sr else None
-        fused.step(prepared, grads, hp, sr_key=sr_key, quant_key=quant_key)
-        reference.step(want, grads, hp, sr_key=sr_key, quant_key=quant_key)
+        fused.step(prepared, grads, StepArgs(hp, sr_key=sr_key, quant_key=quant_key))
+        reference.step(want, grads, StepArgs(hp, sr_key=sr_key, quant_key=quant_key))
         _assert_same(entries, want)
     return entries
 
@@ -118,11 +105,11 @@ def test_float_and_int8_momenta_in_one_plan() -> None:
     gen = torch.Generator().manual_seed(3)
     int8 = _entries(FP32, FP32)
     floats = [
-        Entry(torch.randn(n, generator=gen), torch.randn(n, generator=gen) * 0.1, FP32, 9 + k)
+        entry(torch.randn(n, generator=gen), torch.randn(n, generator=gen) * 0.1, FP32, 9 + k)
         for k, n in enumerate((3, 40_000))
     ]
     empty_codes, empty_scales = spec.quantize_momentum(torch.zeros(0, 64), 64)
-    empty = [Entry(torch.zeros(0, 64), empty_codes, FP32, 20, scales=empty_scales, block=64)]
+    empty = [entry(torch.zeros(0, 64), empty_codes, FP32, 20, scales=empty_scales, block=64)]
     mixed = list(itertools.chain.from_iterable(zip(int8, floats + [None] * len(int8), strict=False)))
     mixed = [e for e in mixed if e is not None] + empty
     _run(mixed, 2, HPS[0], param_sr=False, quant_sr=True)
@@ -131,16 +118,16 @@ def test_float_and_int8_momenta_in_one_plan() -> None:
 @pytest.mark.parametrize(
     "change, match",
     [
-        (lambda e: e._replace(block=cpu_kernel.INT8_MAX_BLOCK * 2), "int8 blocks of 1 to"),
-        (lambda e: e._replace(scales=e.scales[..., :1].contiguous()), "needs codes of"),
-        (lambda e: e._replace(scales=e.scales.double()), "the scales fp32"),
-        (lambda e: e._replace(exp_avg=e.exp_avg.t()), "contiguous"),
+        (lambda e: e._replace(format=Int8Momentum(cpu_library.INT8_MAX_BLOCK * 2)), "int8 blocks of 1 to"),
+        (lambda e: e._replace(state=(e.state[0], e.state[1][..., :1].contiguous())), "needs codes of"),
+        (lambda e: e._replace(state=(e.state[0], e.state[1].double())), "the scales fp32"),
+        (lambda e: e._replace(state=(e.state[0].t(), e.state[1])), "contiguous"),
     ],
 )
 def test_bad_entries_get_a_clear_error(change, match) -> None:
-    entry = _entries(FP32, FP32)[0]
+    first = _entries(FP32, FP32)[0]
     with pytest.raises(ValueError, match=match):
-        backends.get("cpu_fused").prepare([change(entry)])
+        backends.get("cpu_fused").prepare([change(first)])
 
 
 @pytest.mark.parametrize(
@@ -152,7 +139,7 @@ def test_bad_entries_get_a_clear_error(change, match) -> None:
     ],
 )
 def test_c_noise_equals_the_spec_noise(stream, numel) -> None:
-    """The foreach backend's requantization noise on CPU (`cpu_kernel.sr_noise`) is `spec.sr_noise`, exactly:
+    """The foreach backend's requantization noise on CPU (`cpu_library.sr_noise`) is `spec.sr_noise`, exactly:
     unaligned bases, a base past 2**32, the momentum's stream bit, lengths across the C helper's chunks."""
-    got = cpu_kernel.sr_noise(stream, numel)
+    got = cpu_library.sr_noise(stream, numel)
     assert got.dtype == torch.int32 and torch.equal(got, spec.sr_noise(stream, numel))

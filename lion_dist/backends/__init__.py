@@ -1,39 +1,39 @@
-"""The ways to run a Lion step on local tensors, each declaring what it accepts, behind one signature.
+"""The ways to run a Lion step on local tensors, and the one contract they share.
 
-    lion_dist/spec.py            the math, written plainly (imports nothing of lion_dist)
-    backends/reference.py        `spec.lion_reference`, one tensor at a time
-    backends/foreach.py          torch._foreach_* over many tensors: any device and float dtype, cautious Lion
-    backends/cpu_kernel.py       a fused C kernel (_cpu_kernel.c): one pass over contiguous CPU tensors
-    backends/triton_kernel.py    a fused Triton kernel: one pass over contiguous CUDA tensors (CPU tensors in
-                                 Triton's interpreter, TRITON_INTERPRET=1)
+    backends/reference.py   `spec.lion_reference`, one tensor at a time (any format)
+    backends/foreach.py     torch._foreach_* over many tensors: any device, float dtype and format, cautious Lion
+    backends/cpu/           a fused C kernel: one pass over contiguous CPU tensors, built on first use
+    backends/triton/        a fused Triton kernel: one pass over contiguous CUDA tensors (CPU tensors in Triton's
+                            interpreter, TRITON_INTERPRET=1)
 
-Every backend implements `Backend`: `prepare` once per plan (what stays fixed between steps: pointer tables,
-buckets, layouts), then `step` every step; backends that declare `split` also implement `direction` and `apply`,
-the two halves of a step that Distributed Lion exchanges votes between. A backend never falls back to another:
-what it refuses it says in `CAPABILITIES`, and `select` routes every tensor to the fastest backend whose
-declaration accepts it (`AUTO_ORDER`). Only this table decides; a backend module is imported when first used.
+A backend is a `Backend` object: it owns its `capabilities()` (what it accepts) and `unavailable_reason()` (why
+it cannot run in this process), `prepare`s a plan's entries once (pointer tables, buckets) and `step`s them with
+one `StepArgs` per step; a backend with `split` also has `direction` and `apply`, the two halves of a step that
+Distributed Lion exchanges votes between. A backend never falls back to another: `select` routes every tensor to
+the fastest backend that declares it takes it (`AUTO_ORDER`). The registry names each backend's module, whose
+top level is light (its kernel is built or imported when first prepared): routing, wording an error and
+`import lion_dist` load no kernel.
 """
 
 from __future__ import annotations
 
 import importlib
-import importlib.util
 import itertools
-import os
-import sys
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from itertools import pairwise
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import torch
 from torch import Tensor
 
 from lion_dist.spec import FLOAT_DTYPES, MOMENTUM_STREAM, DeviceKey, LionHyperparams, NoiseStream, key_value
-from lion_dist.spec import sr_noise as spec_sr_noise
 
-Triple = tuple[torch.dtype, torch.dtype, torch.dtype]  # (param, grad, momentum) dtypes; int8 momentum: codes + scales
+if TYPE_CHECKING:
+    from lion_dist.formats import MomentumFormat
+
+Triple = tuple[torch.dtype, torch.dtype, torch.dtype]  # (param, grad, momentum) dtypes; see `Need.triple`
 
 _HALF_AND_SINGLE = (torch.float32, torch.bfloat16, torch.float16)
 # What the fused kernels compute: any mix of fp32, bf16 and fp16 storage (fp32 math), or all-fp64 (fp64 math).
@@ -43,17 +43,18 @@ ALL_TRIPLES: frozenset[Triple] = frozenset(itertools.product(FLOAT_DTYPES, repea
 
 @dataclass(frozen=True)
 class Capabilities:
-    """What a backend accepts. `devices` None: any device type. `split`: it has `direction` and `apply`."""
+    """What a backend accepts. `devices` None: any device type."""
 
     devices: tuple[str, ...] | None
-    triples: frozenset[Triple]
+    triples: frozenset[Triple]  # float momenta; a format of another kind decodes to fp32: (param, grad, fp32)
+    formats: frozenset[str] = frozenset({"float"})  # the format kinds it fuses (`MomentumFormat.kind`)
+    any_format: bool = False  # runs every format through its `decode` / `encode`
     cautious: bool = False
     stochastic_rounding: bool = False
     strided: bool = False  # updates non-contiguous params and momenta in place (else the plan stages contiguous copies)
-    split: bool = False
+    split: bool = False  # has `direction` and `apply`
     device_skip: bool = False  # reads the non-finite skip flag on the device (no host sync)
     capturable: bool = False  # a step without host reads or allocations (lr, step and flag on the device)
-    int8: bool = False  # int8 momentum (codes + per-block scales, `spec.quantize_momentum`), for its float triples
     compensation: bool = False  # Kahan compensation of bf16/fp16 params (a buffer of the param's dtype)
 
 
@@ -61,162 +62,136 @@ class Need(NamedTuple):
     """What one tensor's update needs from a backend."""
 
     device_type: str
-    triple: Triple
+    triple: Triple  # (param, grad, momentum): a float format's stored dtype, else fp32 (what it decodes to)
     cautious: bool = False
     stochastic_rounding: bool = False  # a bf16 param of a group with stochastic rounding
     split: bool = False
     capturable: bool = False
     compensation: bool = False
+    format: str = "float"  # `MomentumFormat.kind`
+
+
+class NoisePlace(NamedTuple):
+    """Where a tensor's stochastic-rounding noise comes from (`spec.NoiseStream` less the step's key)."""
+
+    param_id: int = 0  # the param's index in its group
+    base: int = 0  # global index of the local tensor's first element in the whole param
+    shard: int = 0  # 0, or an id of a shard that is not a contiguous range of the whole param
 
 
 class Entry(NamedTuple):
-    """One tensor of a plan, as a backend prepares it: local param and momentum, and its noise stream's place."""
+    """One local tensor of a plan, as a backend prepares it."""
 
     param: Tensor
-    exp_avg: Tensor
+    state: tuple[Tensor, ...]  # the momentum format's local state tensors, in `format.keys` order
+    format: MomentumFormat
     grad_dtype: torch.dtype
-    param_id: int = 0  # its index in its group
-    base: int = 0  # global index of its first element in the whole param
-    shard: int = 0  # 0, or an id of a shard that is not a contiguous range of the whole param
-    scales: Tensor | None = None  # int8 momentum (exp_avg holds the codes): fp32, `spec.int8_scale_shape`
-    block: int = 0  # int8 momentum: elements per scale, along the last dim
+    place: NoisePlace = NoisePlace()
     compensation: Tensor | None = None  # Kahan compensation: the param's rounding error, in its dtype
 
+    @property
+    def exp_avg(self) -> Tensor:
+        """The first state tensor: a float momentum, or int8 codes."""
+        return self.state[0]
+
     def noise(self, key: int | DeviceKey | None) -> NoiseStream | None:
-        return None if key is None else NoiseStream(key_value(key), self.param_id, self.base, self.shard)
+        """The stream of the param's stochastic rounding this step (None: round to nearest)."""
+        return None if key is None else NoiseStream(key_value(key), *self.place)
 
     def momentum_noise(self, key: int | DeviceKey | None) -> NoiseStream | None:
-        """The stream of the int8 momentum's stochastic requantization: the param's, in another shard field."""
-        if key is None:
+        """The stream of the momentum's stochastic encoding: the param's, in another shard field."""
+        if key is None or not self.format.stochastic:
             return None
-        return NoiseStream(key_value(key), self.param_id, self.base, self.shard | MOMENTUM_STREAM)
+        param_id, base, shard = self.place
+        return NoiseStream(key_value(key), param_id, base, shard | MOMENTUM_STREAM)
+
+
+@dataclass(frozen=True)
+class StepArgs:
+    """Everything of one step a backend reads besides the gradients."""
+
+    hp: LionHyperparams
+    skip: Tensor | None = None  # a 1-element int32 flag; non-zero: write nothing
+    sr_key: int | DeviceKey | None = None  # stochastic rounding of bf16 params (None: to nearest)
+    quant_key: int | DeviceKey | None = None  # stochastic encoding of momenta whose format is `stochastic`
+    means: Sequence[Tensor] | None = None  # per entry: the cautious mean over its whole tensor
+
+    def subset(self, index: Sequence[int]) -> StepArgs:
+        """These arguments for the entries at `index` (the per-entry means follow)."""
+        return self if self.means is None else replace(self, means=[self.means[i] for i in index])
+
+    @property
+    def skipped(self) -> bool:
+        """Whether a host-side flag says to write nothing (reading a device flag syncs: fused GPU kernels read
+        it on the device instead)."""
+        return self.skip is not None and bool(self.skip)
 
 
 class Backend(ABC):
-    """One way to run the step. Subclasses live one per module and are registered in `CAPABILITIES`."""
+    """One way to run the step. Each lives in its own module (registered in `_MODULES`) as `BACKEND`."""
 
     name: str
+
+    @abstractmethod
+    def capabilities(self) -> Capabilities:
+        """What it accepts, in this process."""
+
+    def unavailable_reason(self) -> str | None:
+        """Why it cannot run in this process (None: it can). May build a kernel, once."""
+        return None
+
+    def device_refusal(self, device_type: str) -> str | None:
+        """Why it takes no tensors of `device_type`, in its own words (what to use instead)."""
+        devices = self.capabilities().devices
+        if devices is None or device_type in devices:
+            return None
+        return f"it runs on {' or '.join(devices)} tensors, not {device_type}"
 
     def prepare(self, entries: Sequence[Entry]) -> Any:
         """The static part of a plan for `entries` (all accepted by this backend); by default the entries."""
         return list(entries)
 
     @abstractmethod
-    def step(
-        self,
-        prepared: Any,
-        grads: Sequence[Tensor],
-        hp: LionHyperparams,
-        *,
-        skip: Tensor | None = None,
-        sr_key: int | DeviceKey | None = None,
-        means: Sequence[Tensor] | None = None,
-        quant_key: int | DeviceKey | None = None,
-    ) -> None:
-        """One Lion step, in place, with this step's contiguous local `grads` (one per entry, same order).
+    def step(self, prepared: Any, grads: Sequence[Tensor], args: StepArgs) -> None:
+        """One Lion step, in place, with this step's contiguous local `grads` (one per entry, same order)."""
 
-        `skip`: a 1-element int32 flag; non-zero means write nothing. `sr_key`: this step's stochastic-rounding
-        key (None: round to nearest; a `DeviceKey` where the step count lives on the device). `means`: per-entry
-        cautious means (cautious backends only). `quant_key`: the key of int8 momenta's stochastic
-        requantization (`Entry.momentum_noise`; None: round to nearest).
-        """
-
-    def check_device(self, device: torch.device) -> None:
-        """Raise this backend's own error (what to use instead) if it cannot run tensors on `device`."""
-        devices = capabilities(self.name).devices
-        if devices is not None and device.type not in devices:
-            raise RuntimeError(
-                f"backend={self.name!r} runs on {' or '.join(devices)} tensors, got {device} ones; use "
-                "backend='auto', which sends every tensor to the fastest backend that takes it"
-            )
-
-    def direction(self, prepared: Any, grads: Sequence[Tensor], hp: LionHyperparams) -> list[Tensor]:
-        """`u = sign(b1 * m + (1 - b1) * g)` per entry (math dtype), advancing each momentum in place."""
+    def direction(self, prepared: Any, grads: Sequence[Tensor], args: StepArgs) -> list[Tensor]:
+        """Per entry, the sign of `b1 * m + (1 - b1) * g` (any dtype whose `< 0` and `> 0` read the sign; NaN
+        or 0 where c is), advancing each momentum in place: the first half of a split step."""
         raise NotImplementedError(f"backend {self.name!r} has no split step")
 
-    def apply(
-        self, prepared: Any, directions: Sequence[Tensor], hp: LionHyperparams, sr_key: int | DeviceKey | None
-    ) -> None:
-        """`p <- p * (1 - lr * wd) - lr * u` per entry, for the given directions."""
+    def apply(self, prepared: Any, directions: Sequence[Tensor], args: StepArgs) -> None:
+        """`p <- p * (1 - lr * wd) - lr * u` per entry, `u` the agreed float direction: the second half."""
         raise NotImplementedError(f"backend {self.name!r} has no split step")
 
 
-_EVERYTHING = Capabilities(
-    devices=None,
-    triples=ALL_TRIPLES,
-    cautious=True,
-    stochastic_rounding=True,
-    strided=True,
-    split=True,
-    int8=True,
-    compensation=True,
-)
-_FUSED = dict(triples=FUSED_TRIPLES, stochastic_rounding=True, int8=True)
-CAPABILITIES: dict[str, Capabilities] = {
-    "triton": Capabilities(devices=("cuda",), device_skip=True, capturable=True, **_FUSED),
-    "cpu_fused": Capabilities(devices=("cpu",), **_FUSED),
-    "foreach": _EVERYTHING,
-    "reference": _EVERYTHING,
-}
-AUTO_ORDER = ("triton", "cpu_fused", "foreach")  # fastest first; "reference" only when asked for
-NAMES = ("auto", *CAPABILITIES)
 _MODULES = {
-    "triton": "lion_dist.backends.triton_kernel",
-    "cpu_fused": "lion_dist.backends.cpu_kernel",
+    "triton": "lion_dist.backends.triton",
+    "cpu_fused": "lion_dist.backends.cpu",
     "foreach": "lion_dist.backends.foreach",
     "reference": "lion_dist.backends.reference",
 }
+AUTO_ORDER = ("triton", "cpu_fused", "foreach")  # fastest first; "reference" only when asked for
+NAMES = ("auto", *_MODULES)
+
+
+def get(name: str) -> Backend:
+    """Backend `name` (its module's top level: no kernel is built or imported by this)."""
+    return importlib.import_module(_MODULES[name]).BACKEND
 
 
 def capabilities(name: str) -> Capabilities:
-    """The declaration of backend `name`, for this process: the Triton kernel takes CPU tensors, and only
-    those, when it runs in Triton's interpreter (TRITON_INTERPRET=1)."""
-    caps = CAPABILITIES[name]
-    if name == "triton" and _triton_interpreted():
-        return Capabilities(**{**caps.__dict__, "devices": ("cpu",)})
-    return caps
-
-
-def _triton_interpreted() -> bool:
-    module = sys.modules.get(_MODULES["triton"])
-    if module is not None:
-        return module.interpreted()
-    return os.environ.get("TRITON_INTERPRET") == "1"
-
-
-def unavailable_reason(name: str) -> str | None:
-    """Why backend `name` cannot run in this process (None: it can). May build the CPU kernel (~1 s, once)."""
-    if name == "triton":
-        return None if importlib.util.find_spec("triton") is not None else "triton is not installed"
-    if name == "cpu_fused":
-        from lion_dist.backends import cpu_kernel
-
-        return cpu_kernel.unavailable_reason()
-    return None
-
-
-def sr_noise(stream: NoiseStream, numel: int, device: torch.device) -> Tensor:
-    """`spec.sr_noise`, on CPU from the C kernel when it builds: the same values, without the torch Philox's
-    microsecond per element (for backends that requantize in torch: a compensated int8 step of 24M elements
-    took 35 s with it)."""
-    if device.type == "cpu" and unavailable_reason("cpu_fused") is None:
-        from lion_dist.backends import cpu_kernel
-
-        return cpu_kernel.sr_noise(stream, numel)
-    return spec_sr_noise(stream, numel, device)
+    return get(name).capabilities()
 
 
 def refusal(name: str, need: Need) -> str | None:
     """Why backend `name`'s declaration refuses `need` (None: it accepts it)."""
-    caps = capabilities(name)
-    if caps.devices is not None and need.device_type not in caps.devices:
-        return f"it runs on {' or '.join(caps.devices)} tensors, not {need.device_type}"
-    if need.triple[2] == torch.int8:  # codes and scales: the math is that of an fp32 momentum
-        if not caps.int8:
-            return "it has no int8 momentum"
-        if need.split:
-            return "int8 momentum has no split step (Distributed Lion): its requantization is part of the step"
-        need = need._replace(triple=(*need.triple[:2], torch.float32))
+    backend = get(name)
+    caps = backend.capabilities()
+    if (why := backend.device_refusal(need.device_type)) is not None:
+        return why
+    if need.format != "float" and need.format not in caps.formats and not caps.any_format:
+        return f"it has no {need.format} momentum"
     if need.triple not in caps.triples:
         names = "/".join(str(d).removeprefix("torch.") for d in need.triple)
         return f"it has no (param, grad, momentum) = ({names}) variant"
@@ -233,51 +208,48 @@ def refusal(name: str, need: Need) -> str | None:
     return None
 
 
+def _dtypes(need: Need) -> tuple[str, ...]:
+    return tuple(str(d).removeprefix("torch.") for d in need.triple)
+
+
 def select(requested: str, need: Need) -> str:
     """The backend for a tensor with `need`: `requested` itself, or with "auto" the first of `AUTO_ORDER` that
-    accepts it and can run here. Raises a ValueError saying why when a requested backend refuses it."""
+    accepts it and can run here. Raises saying why when a requested backend refuses it."""
     if requested == "auto":
         reasons = {}
         for name in AUTO_ORDER:
-            reasons[name] = refusal(name, need) or unavailable_reason(name)
+            reasons[name] = refusal(name, need) or get(name).unavailable_reason()
             if reasons[name] is None:
                 return name
         raise ValueError(
-            f"no backend can update a {need.device_type} tensor with (param, grad, momentum) dtypes "
-            f"{tuple(str(d).removeprefix('torch.') for d in need.triple)}: "
+            f"no backend can update a {need.device_type} tensor with (param, grad, momentum) dtypes {_dtypes(need)}: "
             + "; ".join(f"{name}: {why}" for name, why in reasons.items())
         )
+    backend = get(requested)
+    if (why := backend.device_refusal(need.device_type)) is not None:
+        raise RuntimeError(f"backend={requested!r}: {why}")
     why = refusal(requested, need)
-    devices = capabilities(requested).devices
-    if devices is not None and need.device_type not in devices:
-        get(requested).check_device(torch.device(need.device_type))  # the backend's own, more specific error
-    if why is None and (unavailable := unavailable_reason(requested)) is not None:
+    if why is None and (unavailable := backend.unavailable_reason()) is not None:
         raise RuntimeError(f"backend={requested!r} is unavailable: {unavailable}; use backend='auto'")
     if why is not None:
         raise ValueError(
             f"backend={requested!r} cannot update a {need.device_type} tensor with (param, grad, momentum) dtypes "
-            f"{tuple(str(d).removeprefix('torch.') for d in need.triple)}: {why}. Use backend='auto', which "
-            "sends every tensor to the fastest backend that takes it."
+            f"{_dtypes(need)}: {why}. Use backend='auto', which sends every tensor to the fastest backend that "
+            "takes it."
         )
     return requested
 
 
-def get(name: str) -> Backend:
-    """Backend `name`'s implementation, importing its module on first use."""
-    return importlib.import_module(_MODULES[name]).BACKEND
+def sr_noise(stream: NoiseStream, numel: int, device: torch.device) -> Tensor:
+    """`spec.sr_noise`, on CPU from the C kernel when it builds: the same values, without the torch Philox's
+    microsecond per element (for backends that encode momenta in torch: a compensated int8 step of 24M elements
+    took 35 s with it)."""
+    from lion_dist import spec
 
-
-def resolve_backend(
-    backend: str,
-    device: torch.device,
-    hp: LionHyperparams,
-    triple: Triple = (torch.float32,) * 3,
-    *,
-    stochastic_rounding: bool = False,
-) -> str:
-    """The backend that updates a contiguous tensor on `device` with these dtypes (a query; see `select`)."""
-    need = Need(device.type, triple, hp.cautious, stochastic_rounding and triple[0] == torch.bfloat16)
-    return select(backend, need)
+    cpu = get("cpu_fused")
+    if device.type == "cpu" and cpu.unavailable_reason() is None:
+        return cpu.sr_noise(stream, numel)
+    return spec.sr_noise(stream, numel, device)
 
 
 def refuse_overlaps(pairs: Sequence[tuple[Tensor, Tensor]], names: Sequence[str] | None = None) -> None:

@@ -1,10 +1,10 @@
 """The foreach backend: the spec's math with torch's multi-tensor `torch._foreach_*` ops, on any device.
 
 Equal to `spec.lion_reference` bit for bit (same math dtype, same roundings), for every float dtype, strided
-tensors, cautious Lion, stochastic rounding, Kahan compensation and int8 momentum (dequantized into fp32
-temporaries, stepped, requantized: `spec.lion_reference_int8`); it reads and writes each tensor several times,
-which the fused backends avoid. Tensors are bucketed once per plan by device and (param, grad, momentum) dtypes,
-since each foreach call takes one dtype.
+tensors, cautious Lion, stochastic rounding, Kahan compensation and every momentum format: a float momentum is
+updated in place, any other is decoded into fp32 temporaries, stepped and encoded again (for int8 that is
+`spec.lion_reference_int8`). It reads and writes each tensor several times, which the fused backends avoid.
+Tensors are bucketed once per plan by device, dtypes and format, since each foreach call takes one dtype.
 """
 
 from __future__ import annotations
@@ -17,14 +17,25 @@ import torch
 from torch import Tensor
 
 from lion_dist import spec
-from lion_dist.backends import Backend, Entry, sr_noise
+from lion_dist.backends import ALL_TRIPLES, Backend, Capabilities, Entry, StepArgs, sr_noise
 from lion_dist.spec import DeviceKey, LionHyperparams
+
+CAPABILITIES = Capabilities(
+    devices=None,
+    triples=ALL_TRIPLES,
+    any_format=True,
+    cautious=True,
+    stochastic_rounding=True,
+    strided=True,
+    split=True,
+    compensation=True,
+)
 
 
 @dataclass
 class _Prepared:
     entries: list[Entry]
-    buckets: list[list[int]]  # entry indices of one device and dtype triple
+    buckets: list[list[int]]  # entry indices of one device, dtypes, format and compensation
 
 
 def _to(tensors: Sequence[Tensor], dtype: torch.dtype) -> list[Tensor]:
@@ -32,23 +43,40 @@ def _to(tensors: Sequence[Tensor], dtype: torch.dtype) -> list[Tensor]:
     return list(tensors) if tensors[0].dtype == dtype else [t.to(dtype) for t in tensors]
 
 
-def _directions(entries: Sequence[Entry], grads: Sequence[Tensor], hp: LionHyperparams) -> tuple[list, list]:
+def _momenta(entries: Sequence[Entry]) -> list[Tensor]:
+    """A bucket's momenta as the math reads and writes them: float momenta themselves, others decoded to fp32."""
+    if entries[0].format.float_dtype(entries[0].param) is not None:
+        return [e.exp_avg for e in entries]
+    return [e.format.decode(e.state).float() for e in entries]
+
+
+def _store(entries: Sequence[Entry], momenta: Sequence[Tensor], quant_key: int | DeviceKey | None) -> None:
+    """Write decoded momenta back in their format (float momenta were updated in place)."""
+    if entries[0].format.float_dtype(entries[0].param) is not None:
+        return
+    for e, m in zip(entries, momenta, strict=True):
+        stream = e.momentum_noise(quant_key)
+        e.format.encode(e.state, m, None if stream is None else sr_noise(stream, m.numel(), m.device))
+
+
+def _directions(
+    entries: Sequence[Entry], momenta: list[Tensor], grads: Sequence[Tensor], hp: LionHyperparams
+) -> tuple[list, list]:
     """For one bucket: `u = sign(b1 * m + (1 - b1) * g) + 0 * c` (a NaN or Inf in c stays visible as NaN) and
     the math-dtype gradients; each momentum advances in place, `m <- b2 * m + (1 - b2) * g`."""
     compute = spec.math_dtype(entries[0].param.dtype)
     g = _to(grads, compute)
     if hp.maximize:
         g = torch._foreach_neg(g)
-    exp_avgs = [e.exp_avg for e in entries]
-    m = _to(exp_avgs, compute)
+    m = _to(momenta, compute)
     c = torch._foreach_mul(m, hp.beta1)
     torch._foreach_add_(c, g, alpha=1 - hp.beta1)
     u = list(torch._foreach_sign(c))
     torch._foreach_add_(u, torch._foreach_mul(c, 0.0))
     torch._foreach_mul_(m, hp.beta2)
     torch._foreach_add_(m, g, alpha=1 - hp.beta2)
-    if m[0] is not exp_avgs[0]:
-        torch._foreach_copy_(exp_avgs, m)
+    if m[0] is not momenta[0]:
+        torch._foreach_copy_(momenta, m)
     return u, g
 
 
@@ -72,71 +100,6 @@ def _apply(
             spec.write_back(entry.param, value, entry.noise(sr_key), entry.compensation)
 
 
-class ForeachBackend(Backend):
-    name = "foreach"
-
-    def prepare(self, entries: Sequence[Entry]) -> _Prepared:
-        buckets: dict[tuple, list[int]] = defaultdict(list)
-        for i, e in enumerate(entries):
-            kind = (e.param.device, e.param.dtype, e.grad_dtype, e.exp_avg.dtype, e.compensation is not None)
-            buckets[kind].append(i)
-        return _Prepared(list(entries), list(buckets.values()))
-
-    def step(
-        self,
-        prepared: _Prepared,
-        grads: Sequence[Tensor],
-        hp: LionHyperparams,
-        *,
-        skip: Tensor | None = None,
-        sr_key: int | DeviceKey | None = None,
-        means: Sequence[Tensor] | None = None,
-        quant_key: int | DeviceKey | None = None,
-    ) -> None:
-        if skip is not None and bool(skip):
-            return
-        for index in prepared.buckets:
-            quantized = [prepared.entries[i] for i in index]
-            entries = _dequantized(quantized)
-            u, g = _directions(entries, [grads[i] for i in index], hp)
-            if hp.cautious_factor is not None:
-                u = _cautious(u, g, hp, None if means is None else [means[i] for i in index])
-            _apply(entries, u, hp, sr_key)
-            if entries is not quantized:
-                _requantize(quantized, entries, quant_key)
-
-    def direction(self, prepared: _Prepared, grads: Sequence[Tensor], hp: LionHyperparams) -> list[Tensor]:
-        result: list[Tensor] = list(grads)  # replaced entry by entry
-        for index in prepared.buckets:
-            u, _ = _directions([prepared.entries[i] for i in index], [grads[i] for i in index], hp)
-            for i, ui in zip(index, u, strict=True):
-                result[i] = ui
-        return result
-
-    def apply(
-        self, prepared: _Prepared, directions: Sequence[Tensor], hp: LionHyperparams, sr_key: int | DeviceKey | None
-    ) -> None:
-        for index in prepared.buckets:
-            _apply([prepared.entries[i] for i in index], [directions[i] for i in index], hp, sr_key)
-
-
-def _dequantized(entries: list[Entry]) -> list[Entry]:
-    """A bucket of int8-momentum entries with fp32 momenta in place of the codes (the entries themselves when
-    their momenta are float): the step then runs as for fp32 momenta, and `_requantize` stores the result."""
-    if entries[0].scales is None:
-        return entries
-    return [e._replace(exp_avg=spec.dequantize_momentum(e.exp_avg, e.scales, e.block)) for e in entries]
-
-
-def _requantize(quantized: list[Entry], stepped: list[Entry], quant_key: int | DeviceKey | None) -> None:
-    for e, done in zip(quantized, stepped, strict=True):
-        stream = e.momentum_noise(quant_key)
-        noise = None if stream is None else sr_noise(stream, e.exp_avg.numel(), e.exp_avg.device)
-        codes, scales = spec.quantize_momentum(done.exp_avg, e.block, noise)
-        e.exp_avg.copy_(codes)
-        e.scales.copy_(scales)
-
-
 def _cautious(u: list[Tensor], g: list[Tensor], hp: LionHyperparams, means: Sequence[Tensor] | None) -> list[Tensor]:
     """`u * s / max(mean(s), 1e-5)`, s = 1 where u * g > 0, else the cautious factor; `means` from the caller
     (a sharded param's mean over the whole tensor), else each local tensor's own."""
@@ -148,6 +111,47 @@ def _cautious(u: list[Tensor], g: list[Tensor], hp: LionHyperparams, means: Sequ
         s = torch.where(aligned, 1.0, factor).to(torch.float32)
         result.append(ui * (s / mean).to(ui.dtype))
     return result
+
+
+class ForeachBackend(Backend):
+    name = "foreach"
+
+    def capabilities(self) -> Capabilities:
+        return CAPABILITIES
+
+    def prepare(self, entries: Sequence[Entry]) -> _Prepared:
+        buckets: dict[tuple, list[int]] = defaultdict(list)
+        for i, e in enumerate(entries):
+            kind = (e.param.device, e.param.dtype, e.grad_dtype, e.format.name, e.format.float_dtype(e.param))
+            buckets[(*kind, tuple(t.dtype for t in e.state), e.compensation is not None)].append(i)
+        return _Prepared(list(entries), list(buckets.values()))
+
+    def step(self, prepared: _Prepared, grads: Sequence[Tensor], args: StepArgs) -> None:
+        if args.skipped:
+            return
+        for index in prepared.buckets:
+            entries = [prepared.entries[i] for i in index]
+            momenta = _momenta(entries)
+            u, g = _directions(entries, momenta, [grads[i] for i in index], args.hp)
+            if args.hp.cautious_factor is not None:
+                u = _cautious(u, g, args.hp, None if args.means is None else [args.means[i] for i in index])
+            _apply(entries, u, args.hp, args.sr_key)
+            _store(entries, momenta, args.quant_key)
+
+    def direction(self, prepared: _Prepared, grads: Sequence[Tensor], args: StepArgs) -> list[Tensor]:
+        result: list[Tensor] = list(grads)  # replaced entry by entry
+        for index in prepared.buckets:
+            entries = [prepared.entries[i] for i in index]
+            momenta = _momenta(entries)
+            u, _ = _directions(entries, momenta, [grads[i] for i in index], args.hp)
+            _store(entries, momenta, args.quant_key)
+            for i, ui in zip(index, u, strict=True):
+                result[i] = ui
+        return result
+
+    def apply(self, prepared: _Prepared, directions: Sequence[Tensor], args: StepArgs) -> None:
+        for index in prepared.buckets:
+            _apply([prepared.entries[i] for i in index], [directions[i] for i in index], args.hp, args.sr_key)
 
 
 BACKEND = ForeachBackend()

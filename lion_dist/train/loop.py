@@ -8,7 +8,7 @@ an uninterrupted one.
 one-rank mesh (the "shard" dim of a (world, 1) ("replicate", "shard") mesh, so FSDP2 reduces nothing across
 ranks and each rank keeps its own gradient), and `distributed_lion.DistributedLion` exchanges the replicas' 1-bit
 signs over the "replicate" group. Params stay identical, momenta differ, so its checkpoints keep every replica's
-momentum (`ReplicaLion`) and resume on the same number of workers only.
+momentum (`DistributedLion`'s state dict stacks them) and resume on the same number of workers only.
 """
 
 from __future__ import annotations
@@ -30,15 +30,14 @@ from typing import Any
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import nn
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.fsdp import fully_shard
-from torch.distributed.tensor import DTensor, Shard
 from torch.optim import Optimizer
 from tqdm import tqdm
 
-from lion_dist import Lion, checkpoint, shards
+from lion_dist import Lion, checkpoint, layouts
 from lion_dist.distributed_lion import DistributedLion, choose_transport, ring_bytes_sent, vote_bytes_sent
 from lion_dist.train.config import (
     GPTConfig,
@@ -64,7 +63,7 @@ class OptimizerSpec:
 def _tensor_state_bytes(optimizer: Optimizer) -> int:
     """Bytes of every tensor in the optimizer's state on this rank (local shards only)."""
     return sum(
-        shards.local(v).numel() * v.element_size()
+        layouts.local(v).numel() * v.element_size()
         for state in optimizer.state.values()
         for v in state.values()
         if isinstance(v, torch.Tensor)
@@ -93,41 +92,6 @@ OPTIMIZERS: dict[str, OptimizerSpec] = {
         state_bytes=_tensor_state_bytes,
     ),
 }
-
-
-class ReplicaLion(DistributedLion):
-    """`DistributedLion` whose state dict holds every replica's own momentum, for `--distributed-lion` checkpoints.
-
-    DCP writes a tensor that every rank holds once, from one rank: right for the params (identical on every
-    replica), wrong for the momenta (each replica has its own). So `state_dict()` shows each momentum as row
-    `replica` of a (replicas, *shape) DTensor sharded over the replicate mesh, a view of the momentum itself, and
-    `load_state_dict()` takes this replica's row back. A checkpoint thus keeps all momenta, a resume on the same
-    number of replicas continues bit-identically, and DCP cannot load it on another number (the shapes differ).
-    """
-
-    def __init__(self, params: list[dict[str, Any]], *, replicate_mesh: DeviceMesh, **kwargs: Any) -> None:
-        self.replicate_mesh = replicate_mesh
-        super().__init__(params, process_group=replicate_mesh.get_group(), **kwargs)
-
-    def state_dict(self) -> dict[str, Any]:
-        state_dict = super().state_dict()
-        state_dict["state"] = {
-            index: {**state, "exp_avg": self._stacked(state["exp_avg"])} for index, state in state_dict["state"].items()
-        }
-        return state_dict
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        state = dict(state_dict["state"])
-        for saved, group in zip(state_dict["param_groups"], self.param_groups, strict=True):
-            for index, p in zip(saved["params"], group["params"], strict=True):
-                if index in state:
-                    row = state[index]["exp_avg"].to_local()[0]  # as DCP loaded it: this replica's row
-                    exp_avg = DTensor.from_local(row, p.device_mesh, p.placements, shape=p.shape, stride=p.stride())
-                    state[index] = {**state[index], "exp_avg": exp_avg}
-        super().load_state_dict({**state_dict, "state": state})
-
-    def _stacked(self, exp_avg: Tensor) -> DTensor:
-        return DTensor.from_local(shards.local(exp_avg).unsqueeze(0), self.replicate_mesh, [Shard(0)], run_check=False)
 
 
 def lr_at(step: int, lr: float, cfg: TrainConfig) -> float:
@@ -188,9 +152,9 @@ class _Run:
         fully_shard(self.model, mesh=shard_mesh)
         groups = _param_groups(self.model, self.wd)
         if cfg.distributed_lion:
-            self.optimizer: Optimizer = ReplicaLion(
+            self.optimizer: Optimizer = DistributedLion(
                 groups,
-                replicate_mesh=mesh["replicate"],
+                process_group=mesh.get_group("replicate"),
                 lr=self.lr,
                 betas=self.betas,
                 weight_decay=self.wd,
@@ -453,7 +417,7 @@ class _Run:
         """sha256 of this rank's local params, in order: the same on every replica exactly when they are identical."""
         digest = hashlib.sha256()
         for p in self.model.parameters():
-            digest.update(shards.local(p).detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+            digest.update(layouts.local(p).detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
         return digest.hexdigest()
 
 

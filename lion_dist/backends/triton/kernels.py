@@ -43,8 +43,8 @@ import triton.language as tl
 from torch import Tensor
 from triton.runtime.jit import JITFunction
 
-from lion_dist.backends import FUSED_TRIPLES, Backend, Entry, refuse_overlaps
-from lion_dist.spec import INT8_MAX_CODE, MOMENTUM_STREAM, DeviceKey, LionHyperparams, int8_scale_shape
+from lion_dist.backends import FUSED_TRIPLES, Entry, StepArgs, refuse_overlaps
+from lion_dist.spec import INT8_MAX_CODE, MOMENTUM_STREAM, DeviceKey, int8_scale_shape
 
 PARAM_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 _CODE = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2, torch.float64: 3}  # 2 bits per operand
@@ -552,18 +552,11 @@ def _on(device: torch.device, values: Sequence[int], dtype: torch.dtype) -> Tens
 
 
 def check_device(device: torch.device) -> None:
-    """Raise unless this module's mode can run tensors on `device`."""
-    if interpreted() and device.type != "cpu":
-        raise RuntimeError(
-            f"lion_triton runs in Triton's interpreter (TRITON_INTERPRET=1), which reads raw host addresses: "
-            f"it takes CPU tensors, got {device} ones. Unset TRITON_INTERPRET to run the compiled kernel on CUDA."
-        )
-    if not interpreted() and device.type != "cuda":
-        raise RuntimeError(
-            f"the Triton Lion kernel needs CUDA tensors, got {device} ones. Use backend='foreach' or "
-            "backend='cpu_fused' on CPU (or backend='auto'), or set TRITON_INTERPRET=1 in the environment before "
-            "the process imports triton to run the kernel in Triton's (slow) interpreter for testing."
-        )
+    """Raise unless this module's mode can run tensors on `device` (the declaration words why)."""
+    from lion_dist.backends.triton import BACKEND
+
+    if (why := BACKEND.device_refusal(device.type)) is not None:
+        raise RuntimeError(why)
 
 
 def _check_skip(skip: Tensor | None, device: torch.device) -> None:
@@ -646,7 +639,7 @@ def _prepare_bucket(entries: Sequence[Entry], index: list[int], aligned: bool) -
     for i, n, f in zip(index, numels, first, strict=True):
         e = entries[i]
         code = _CODE[e.param.dtype] | _CODE[e.grad_dtype] << 2 | _CODE[e.exp_avg.dtype] << 4
-        layout += (n, f, e.param_id, e.base, e.shard, code)
+        layout += (n, f, *e.place, code)
         pm += (e.param.data_ptr(), e.exp_avg.data_ptr())
     block_tensor = [k for k, b in enumerate(blocks) for _ in range(b)]
     return _Bucket(
@@ -681,7 +674,7 @@ class _Int8Bucket:
 
 def _int8_aligned(e: Entry) -> bool:
     n = e.exp_avg.shape[-1] if e.exp_avg.dim() else 1
-    return (e.param.data_ptr() | e.exp_avg.data_ptr()) % _ALIGN == 0 and n % 16 == 0 and e.block % 16 == 0
+    return (e.param.data_ptr() | e.exp_avg.data_ptr()) % _ALIGN == 0 and n % 16 == 0 and e.format.block % 16 == 0
 
 
 def _prepare_int8_bucket(entries: Sequence[Entry], index: list[int], block: int, aligned: bool) -> _Int8Bucket:
@@ -691,16 +684,17 @@ def _prepare_int8_bucket(entries: Sequence[Entry], index: list[int], block: int,
     for k, i in enumerate(index):
         e = entries[i]
         n = e.exp_avg.shape[-1] if e.exp_avg.dim() else 1
-        per_row = -(-n // e.block)
+        param_id, base, shard = e.place
+        per_row = -(-n // e.format.block)
         n_blocks = e.exp_avg.numel() // n * per_row
         programs = -(-n_blocks // rows)
         # every block's first element index is base + r * n + j * block: all multiples of 8 when their gcd is
-        steps = math.gcd(e.base, n if n_blocks > per_row else 0, e.block if per_row > 1 else 0)
+        steps = math.gcd(base, n if n_blocks > per_row else 0, e.format.block if per_row > 1 else 0)
         code = _CODE[e.param.dtype] | _CODE[e.grad_dtype] << 2
-        shard, quant_shard = e.shard & 0xFFFFFFFF, (e.shard | MOMENTUM_STREAM) & 0xFFFFFFFF
-        layout += (n, e.block, per_row, n_blocks, len(program_tensor), e.param_id, e.base, shard, quant_shard, code)
+        shard, quant_shard = shard & 0xFFFFFFFF, (shard | MOMENTUM_STREAM) & 0xFFFFFFFF
+        layout += (n, e.format.block, per_row, n_blocks, len(program_tensor), param_id, base, shard, quant_shard, code)
         layout.append(int(steps % 8 == 0))
-        pcs += (e.param.data_ptr(), e.exp_avg.data_ptr(), e.scales.data_ptr())
+        pcs += (e.param.data_ptr(), e.exp_avg.data_ptr(), e.state[1].data_ptr())
         program_tensor += [k] * programs
     first = entries[index[0]]
     return _Int8Bucket(
@@ -719,7 +713,7 @@ def _prepare_int8_bucket(entries: Sequence[Entry], index: list[int], block: int,
 
 def _check_int8(i: int, e: Entry, device: torch.device) -> None:
     """Refuse what the int8 kernel cannot update: a clear error per entry."""
-    p, codes, scales = e.param, e.exp_avg, e.scales
+    (p, (codes, scales)), block = (e.param, e.state), e.format.block
     if (p.dtype, e.grad_dtype) not in itertools.product(PARAM_DTYPES[:3], repeat=2) or codes.dtype != torch.int8:
         raise TypeError(
             f"lion_triton: tensor {i} has int8 momentum with (param, grad, momentum) dtypes "
@@ -727,17 +721,17 @@ def _check_int8(i: int, e: Entry, device: torch.device) -> None:
         )
     if e.compensation is not None:
         raise ValueError(f"lion_triton: tensor {i} has a Kahan compensation buffer; the Triton kernel has none")
-    int8_padded_block(e.block)
+    int8_padded_block(block)
     if scales.dtype != torch.float32 or scales.device != device or not scales.is_contiguous():
         raise ValueError(
             f"lion_triton: tensor {i}'s int8 scales must be contiguous fp32 on {device}, got {scales.dtype} on "
             f"{scales.device}{'' if scales.is_contiguous() else ', not contiguous'}"
         )
-    if codes.shape != p.shape or tuple(scales.shape) != int8_scale_shape(codes.shape, e.block):
+    if codes.shape != p.shape or tuple(scales.shape) != int8_scale_shape(codes.shape, block):
         raise ValueError(
             f"lion_triton: tensor {i} has param shape {tuple(p.shape)}, codes {tuple(codes.shape)} and scales "
             f"{tuple(scales.shape)}; int8 momentum needs codes shaped as the param and scales of shape "
-            f"{int8_scale_shape(p.shape, e.block)} (block {e.block})"
+            f"{int8_scale_shape(p.shape, block)} (block {block})"
         )
     if scales.data_ptr() == 0:
         raise TypeError(f"lion_triton: tensor {i}'s int8 scales have no storage (a DTensor?): pass the local shard")
@@ -769,116 +763,102 @@ def _step_address(step: Tensor, device: torch.device) -> int:
     return step.data_ptr()
 
 
-class TritonBackend(Backend):
-    name = "triton"
-
-    def check_device(self, device: torch.device) -> None:
-        check_device(device)
-
-    def prepare(self, entries: Sequence[Entry]) -> _Prepared:
-        """Bucket non-empty contiguous tensors of one device by math dtype and alignment; upload the tables."""
-        if not entries:
-            return _Prepared(torch.device("cpu"), [], torch.zeros(1, dtype=torch.int32))
-        device = entries[0].param.device
-        check_device(device)
-        pairs = [(e.param, e.exp_avg) for e in entries]
-        names = [f"tensor {i}" for i in range(len(entries))]
-        no_storage = torch.empty(0)  # data_ptr() 0: not checked
-        pairs += [(e.scales, no_storage) for e in entries if e.scales is not None]
-        names += [f"tensor {i}'s int8 scales" for i, e in enumerate(entries) if e.scales is not None]
-        refuse_overlaps(pairs, names)  # programs would race on shared memory
-        buckets: dict[tuple, list[int]] = {}
-        int8_buckets: dict[tuple, list[int]] = {}
-        for i, e in enumerate(entries):
-            p, m = e.param, e.exp_avg
-            triple = (p.dtype, e.grad_dtype, m.dtype)
-            if e.scales is not None:
-                _check_int8(i, e, device)
-            elif triple not in FUSED_TRIPLES:
-                raise TypeError(
-                    f"lion_triton: tensor {i} has (param, grad, momentum) dtypes {triple}, supported: any of "
-                    "fp32/bf16/fp16 each, or all fp64"
-                )
-            if p.device != device or m.device != device:
-                raise ValueError(
-                    f"lion_triton: tensor {i}'s param and momentum are on {p.device} and {m.device}; tensor 0 is on "
-                    f"{device}: one device per plan"
-                )
-            if not (p.is_contiguous() and m.is_contiguous()) or m.numel() != p.numel() or not p.numel():
-                raise ValueError(f"lion_triton: tensor {i} must be non-empty and contiguous, with a momentum like it")
-            if 0 in (p.data_ptr(), m.data_ptr()):
-                raise TypeError(
-                    "lion_triton takes local plain tensors with storage, got one whose data_ptr() is 0 (a DTensor?): "
-                    "pass its local shard, e.g. lion_dist.shards.local(t)"
-                )
-            if e.scales is not None:
-                family = FP32 if triple[:2] == (torch.float32,) * 2 else MIXED
-                int8_buckets.setdefault((family, int8_padded_block(e.block), _int8_aligned(e)), []).append(i)
-                continue
-            aligned = (p.data_ptr() | m.data_ptr()) % _ALIGN == 0
-            buckets.setdefault((_family(triple), aligned), []).append(i)
-        with _on_device(device):
-            return _Prepared(
-                device,
-                [_prepare_bucket(entries, index, aligned) for (_, aligned), index in buckets.items()],
-                torch.zeros(1, dtype=torch.int32, device=device),
-                [
-                    _prepare_int8_bucket(entries, index, block, aligned)
-                    for (_, block, aligned), index in int8_buckets.items()
-                ],
+def prepare(entries: Sequence[Entry]) -> _Prepared:
+    """Bucket non-empty contiguous tensors of one device by math dtype and alignment; upload the tables."""
+    if not entries:
+        return _Prepared(torch.device("cpu"), [], torch.zeros(1, dtype=torch.int32))
+    device = entries[0].param.device
+    check_device(device)
+    pairs = [(e.param, e.exp_avg) for e in entries]
+    names = [f"tensor {i}" for i in range(len(entries))]
+    no_storage = torch.empty(0)  # data_ptr() 0: not checked
+    pairs += [(e.state[1], no_storage) for e in entries if e.format.kind == "int8"]
+    names += [f"tensor {i}'s int8 scales" for i, e in enumerate(entries) if e.format.kind == "int8"]
+    refuse_overlaps(pairs, names)  # programs would race on shared memory
+    buckets: dict[tuple, list[int]] = {}
+    int8_buckets: dict[tuple, list[int]] = {}
+    for i, e in enumerate(entries):
+        p, m = e.param, e.exp_avg
+        triple = (p.dtype, e.grad_dtype, m.dtype)
+        if e.format.kind == "int8":
+            _check_int8(i, e, device)
+        elif triple not in FUSED_TRIPLES:
+            raise TypeError(
+                f"lion_triton: tensor {i} has (param, grad, momentum) dtypes {triple}, supported: any of "
+                "fp32/bf16/fp16 each, or all fp64"
             )
+        if p.device != device or m.device != device:
+            raise ValueError(
+                f"lion_triton: tensor {i}'s param and momentum are on {p.device} and {m.device}; tensor 0 is on "
+                f"{device}: one device per plan"
+            )
+        if not (p.is_contiguous() and m.is_contiguous()) or m.numel() != p.numel() or not p.numel():
+            raise ValueError(f"lion_triton: tensor {i} must be non-empty and contiguous, with a momentum like it")
+        if 0 in (p.data_ptr(), m.data_ptr()):
+            raise TypeError(
+                "lion_triton takes local plain tensors with storage, got one whose data_ptr() is 0 (a DTensor?): "
+                "pass its local shard, e.g. lion_dist.shards.local(t)"
+            )
+        if e.format.kind == "int8":
+            family = FP32 if triple[:2] == (torch.float32,) * 2 else MIXED
+            int8_buckets.setdefault((family, int8_padded_block(e.format.block), _int8_aligned(e)), []).append(i)
+            continue
+        aligned = (p.data_ptr() | m.data_ptr()) % _ALIGN == 0
+        buckets.setdefault((_family(triple), aligned), []).append(i)
+    with _on_device(device):
+        return _Prepared(
+            device,
+            [_prepare_bucket(entries, index, aligned) for (_, aligned), index in buckets.items()],
+            torch.zeros(1, dtype=torch.int32, device=device),
+            [
+                _prepare_int8_bucket(entries, index, block, aligned)
+                for (_, block, aligned), index in int8_buckets.items()
+            ],
+        )
 
-    def step(
-        self,
-        prepared: _Prepared,
-        grads: Sequence[Tensor],
-        hp: LionHyperparams,
-        *,
-        skip: Tensor | None = None,
-        sr_key: int | DeviceKey | None = None,
-        means: Sequence[Tensor] | None = None,
-        quant_key: int | DeviceKey | None = None,
-    ) -> None:
-        """One launch per bucket. `grads`: contiguous, on the plan's device, of the prepared dtypes and sizes.
 
-        `quant_key`: the int8 momenta's stochastic requantization (None: to nearest); the float momenta ignore it.
-        """
-        if not (prepared.buckets or prepared.int8_buckets):
-            return
-        device = prepared.device
-        _check_skip(skip, device)
-        lr, lr_address, flags = _lr_arguments(hp.lr, device)
-        key, step_address = sr_key or 0, 0
-        if isinstance(sr_key, DeviceKey):
-            key, step_address, flags = sr_key.base, _step_address(sr_key.step, device), flags | KEY_FROM_STEP
-        sign = -1.0 if hp.maximize else 1.0  # fma(-g, b, x) == fma(g, -b, x) exactly
-        values = (lr, lr_address, float(hp.beta1), sign * (1.0 - hp.beta1), float(hp.beta2), sign * (1.0 - hp.beta2))
-        values += (float(hp.weight_decay), key, step_address)
-        args = [h for value in values for h in halves(value)] + [flags]
-        addresses = array("q", map(Tensor.data_ptr, grads))
-        with _on_device(device):
-            for bucket in prepared.buckets:
-                g_addresses = (
-                    addresses if bucket.index is None else array("q", map(addresses.__getitem__, bucket.index))
-                )
-                g_table = bucket.grads.upload(g_addresses)
-                aligned = bucket.aligned and not (np.bitwise_or.reduce(np.frombuffer(g_addresses, np.int64)) % _ALIGN)
-                _lion_kernel[(bucket.n_blocks,)](
-                    bucket.pm_ptrs,
-                    g_table,
-                    bucket.layout,
-                    bucket.block_tensor,
-                    prepared.no_skip if skip is None else skip,
-                    *args,
-                    DTYPES=bucket.dtypes,
-                    BLOCK=bucket.block,
-                    ALIGNED=bool(aligned),
-                    STOCHASTIC=sr_key is not None and bucket.stochastic,
-                    num_warps=_BLOCKS[bucket.block],
-                    enable_fp_fusion=False,  # every fma is explicit: the compiler contracts nothing else
-                )
-            if prepared.int8_buckets:
-                _step_int8(prepared, addresses, args, sr_key, quant_key, skip)
+def step(prepared: _Prepared, grads: Sequence[Tensor], args: StepArgs) -> None:
+    """One launch per bucket. `grads`: contiguous, on the plan's device, of the prepared dtypes and sizes.
+
+    `args.quant_key`: the int8 momenta's stochastic requantization (None: to nearest); float momenta ignore it.
+    """
+    if not (prepared.buckets or prepared.int8_buckets):
+        return
+    hp, skip, sr_key, quant_key = args.hp, args.skip, args.sr_key, args.quant_key
+    device = prepared.device
+    _check_skip(skip, device)
+    lr, lr_address, flags = _lr_arguments(hp.lr, device)
+    key, step_address = sr_key or 0, 0
+    if isinstance(sr_key, DeviceKey):
+        key, step_address, flags = sr_key.base, _step_address(sr_key.step, device), flags | KEY_FROM_STEP
+    sign = -1.0 if hp.maximize else 1.0  # fma(-g, b, x) == fma(g, -b, x) exactly
+    values = (lr, lr_address, float(hp.beta1), sign * (1.0 - hp.beta1), float(hp.beta2), sign * (1.0 - hp.beta2))
+    values += (float(hp.weight_decay), key, step_address)
+    scalars = [h for value in values for h in halves(value)] + [flags]
+    addresses = array("q", map(Tensor.data_ptr, grads))
+    with _on_device(device):
+        for bucket in prepared.buckets:
+            g_addresses = (
+                addresses if bucket.index is None else array("q", map(addresses.__getitem__, bucket.index))
+            )
+            g_table = bucket.grads.upload(g_addresses)
+            aligned = bucket.aligned and not (np.bitwise_or.reduce(np.frombuffer(g_addresses, np.int64)) % _ALIGN)
+            _lion_kernel[(bucket.n_blocks,)](
+                bucket.pm_ptrs,
+                g_table,
+                bucket.layout,
+                bucket.block_tensor,
+                prepared.no_skip if skip is None else skip,
+                *scalars,
+                DTYPES=bucket.dtypes,
+                BLOCK=bucket.block,
+                ALIGNED=bool(aligned),
+                STOCHASTIC=sr_key is not None and bucket.stochastic,
+                num_warps=_BLOCKS[bucket.block],
+                enable_fp_fusion=False,  # every fma is explicit: the compiler contracts nothing else
+            )
+        if prepared.int8_buckets:
+            _step_int8(prepared, addresses, scalars, sr_key, quant_key, skip)
 
 
 def _step_int8(
@@ -919,66 +899,3 @@ def _step_int8(
 
 def _on_device(device: torch.device):
     return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
-
-
-BACKEND = TritonBackend()
-
-
-def lion_triton(
-    params: Sequence[Tensor],
-    grads: Sequence[Tensor],
-    exp_avgs: Sequence[Tensor],
-    hp: LionHyperparams,
-    *,
-    skip: Tensor | None = None,
-    sr_seed: int | None = None,
-) -> None:
-    """One Lion step, in place, on local tensors of one device, of any layout: the one-shot form of `BACKEND`.
-
-    Equal to `spec.lion_reference` bit for bit. `skip`: a 1-element int32 device tensor; non-zero means write
-    nothing (read on the device). `sr_seed`: stochastic rounding of bf16 params, with tensor i as param id i.
-    Non-contiguous tensors are updated through contiguous copies; empty tensors are skipped.
-    """
-    if hp.cautious:
-        raise ValueError(
-            "lion_triton is single-pass and has no cautious variant (it needs a per-tensor mean first); "
-            "cautious Lion runs on backend='foreach' (backend='auto' picks it)"
-        )
-    if not len(params) == len(grads) == len(exp_avgs):
-        raise ValueError(
-            f"lion_triton needs one grad and one momentum per param, got {len(params)} params, "
-            f"{len(grads)} grads and {len(exp_avgs)} momenta"
-        )
-    if not params:
-        return
-    device = params[0].device
-    check_device(device)
-    _check_skip(skip, device)
-    for i, (p, g, m) in enumerate(zip(params, grads, exp_avgs, strict=True)):
-        operands = (("param", p), ("grad", g), ("momentum", m))
-        for name, t in operands:
-            if t.dtype not in PARAM_DTYPES:
-                raise TypeError(f"lion_triton: a {name} has dtype {t.dtype}; supported: {PARAM_DTYPES}")
-        if (p.dtype, g.dtype, m.dtype) not in FUSED_TRIPLES:  # fp64 mixed with other dtypes
-            name, t = next((n, t) for n, t in operands[1:] if (t.dtype == torch.float64) != (p.dtype == torch.float64))
-            raise TypeError(
-                f"lion_triton: a {name} has dtype {t.dtype} with a {p.dtype} param; supported: fp32/bf16/fp16 in "
-                "any mix, or fp64 param, grad and momentum"
-            )
-        if g.numel() != p.numel() or m.numel() != p.numel():
-            raise ValueError(
-                f"lion_triton: param {i} has {p.numel()} elements, its grad {g.numel()}, momentum {m.numel()}"
-            )
-        if g.device != device or m.device != device or p.device != device:
-            raise ValueError(
-                f"lion_triton: param {i}, its grad and momentum are on {p.device}, {g.device} and {m.device}; "
-                f"param 0 is on {device}: one device per call"
-            )
-    contiguous = [[t.contiguous() for t in ts] for ts in (params, grads, exp_avgs)]
-    keep = [i for i, p in enumerate(contiguous[0]) if p.numel()]
-    entries = [Entry(contiguous[0][i], contiguous[2][i], contiguous[1][i].dtype, i) for i in keep]
-    BACKEND.step(BACKEND.prepare(entries), [contiguous[1][i] for i in keep], hp, skip=skip, sr_key=sr_seed)
-    for originals, copies in ((params, contiguous[0]), (exp_avgs, contiguous[2])):
-        for original, copy in zip(originals, copies, strict=True):
-            if copy is not original:
-                original.copy_(copy)

@@ -1,0 +1,177 @@
+"""The majority vote of Distributed Lion, as a direction exchange (`lion_dist.exchange.DirectionExchange`).
+
+Every replica turns its local directions into +-1 votes, one collective sums them over the replicas (an all-gather
+of packed bits, or an all-reduce of integer votes: `wire.py`), and every replica applies the same direction:
+`sign(S)` ("vote") or `S / N` ("mean"). One bit cannot hold sign(0) = 0, so a replica whose `c` is exactly 0 (or
+NaN, with `nonfinite="ignore"`) votes by parity: +1 when `rank_in_group + step` is odd, else -1; a tie (S == 0)
+moves nothing. Replicas keep momenta of their own, so the state dict stacks them (`replicas.py`).
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+from torch.distributed import ProcessGroup
+from torch.distributed.tensor import DTensor
+
+from lion_dist import formats, layouts
+from lion_dist.distributed_lion import replicas
+from lion_dist.distributed_lion.wire import choose_transport, count_set_bits, pack_bits, reduce_dtype
+from lion_dist.exchange import DirectionExchange
+
+if TYPE_CHECKING:
+    from lion_dist.backends import StepArgs
+    from lion_dist.plan import Bound
+
+AGGREGATES = ("vote", "mean")
+
+
+class VoteExchange(DirectionExchange):
+    """Sign votes over `process_group` (the replicas: ranks holding the same elements; None: the default group)."""
+
+    def __init__(self, process_group: ProcessGroup | None = None, aggregate: str = "vote", transport: str = "auto"):
+        from lion_dist.distributed_lion.wire import TRANSPORTS
+
+        if aggregate not in AGGREGATES:
+            raise ValueError(f"aggregate must be one of {AGGREGATES}, got {aggregate!r}")
+        if transport not in TRANSPORTS:
+            raise ValueError(f"transport must be one of {TRANSPORTS}, got {transport!r}")
+        if process_group is not None and not isinstance(process_group, ProcessGroup):
+            raise TypeError(
+                f"process_group must be a torch.distributed ProcessGroup or None, got {type(process_group).__name__}"
+                " (from a DeviceMesh: mesh.get_group('replicate'))"
+            )
+        self.process_group, self.aggregate, self.transport = process_group, aggregate, transport
+        self._meshes_checked = False
+        self._stacking = replicas.Stacking(process_group)
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> VoteExchange:
+        """A copy that exchanges over the same process group (a connection to the other ranks: never copied)."""
+        copied = copy.copy(self)
+        copied._stacking = replicas.Stacking(self.process_group)
+        return copied
+
+    def group_size(self) -> int:
+        """How many replicas exchange signs (1 without torch.distributed)."""
+        if not (dist.is_available() and dist.is_initialized()):
+            return 1
+        return dist.get_world_size(self.process_group)
+
+    def active(self) -> bool:
+        return self.group_size() > 1
+
+    def check_group(self, group: dict[str, Any]) -> None:
+        if group["cautious_factor"] is not None:
+            raise ValueError(
+                f"DistributedLion cannot use cautious_factor={group['cautious_factor']!r}: the cautious mask depends "
+                "on each replica's own gradient, so replicas would apply different updates; use cautious_factor=None "
+                "(cautious_wd=True works: it masks with the agreed update)"
+            )
+        if group["momentum_dtype"] == torch.int8:
+            raise ValueError(
+                "DistributedLion cannot use momentum_dtype=torch.int8: its step is split around the vote (direction, "
+                "then apply) and int8 momentum has no split step, its requantization being part of the fused step; "
+                "use momentum_dtype=torch.bfloat16 (2 bytes per param) or lion_dist.Lion with int8"
+            )
+
+    def data_parallel_size(self, params: Sequence[Tensor]) -> int:
+        """Replicas x the ranks each replica is sharded over: the params' mesh alone is one replica's."""
+        dtensors = [p for p in params if isinstance(p, DTensor)]
+        return self.group_size() * (layouts.data_parallel_size(dtensors) if dtensors else 1)
+
+    def exchange(
+        self,
+        bound: Sequence[Bound],
+        args: Sequence[StepArgs],
+        groups: Sequence[dict[str, Any]],
+        directions: Sequence[list[Tensor]],
+    ) -> list[list[Tensor] | None]:
+        """Every group's local directions -> +-1 votes -> one exchange -> the same direction on every replica.
+
+        A group with lr = 0 (e.g. DCP creating state) has advanced its momentum as in Lion, but exchanges
+        nothing and keeps its params.
+        """
+        if not self._meshes_checked:
+            self._check_meshes([p for b in bound for p in b.plan.entry_params])
+        rank = dist.get_rank(self.process_group)
+        votes, exchanging = [], []
+        for group, a, u in zip(groups, args, directions, strict=True):
+            exchanging.append(bool(u) and (isinstance(a.hp.lr, Tensor) or a.hp.lr != 0))
+            if exchanging[-1]:
+                votes.append(_encode(u, zero_votes_up=(rank + group["step"]) % 2 == 1))
+        if not votes:
+            return [None] * len(directions)
+        totals = iter(self._sum_votes(torch.cat(votes)).split([v.numel() for v in votes]))
+        agreed: list[list[Tensor] | None] = []
+        for take, u in zip(exchanging, directions, strict=True):
+            if not take:
+                agreed.append(None)
+                continue
+            pieces = next(totals).split([d.numel() for d in u])
+            dtypes = [d.dtype if d.is_floating_point() else torch.float32 for d in u]
+            agreed.append([v.view_as(d).to(t) for v, d, t in zip(pieces, u, dtypes, strict=True)])
+        return agreed
+
+    def _sum_votes(self, bits: Tensor) -> Tensor:
+        """S = sum over replicas of each element's +-1 vote (one collective), turned into the fp32 direction u."""
+        world = self.group_size()
+        transport = choose_transport(bits.numel(), world) if self.transport == "auto" else self.transport
+        if transport == "gather":
+            packed = pack_bits(bits)
+            gathered = packed.new_empty(world * packed.numel())
+            _all_gather(gathered, packed, self.process_group)
+            total = count_set_bits(gathered.view(world, -1), bits.numel()).mul_(2).sub_(world)
+        else:
+            total = bits.to(reduce_dtype(world)).mul_(2).sub_(1)
+            dist.all_reduce(total, group=self.process_group)
+        if self.aggregate == "vote":
+            return total.sign().float()
+        return total.float().div_(world)
+
+    def _check_meshes(self, params: Sequence[Tensor]) -> None:
+        """Refuse to vote across ranks that hold different shards of a param (that would mix unrelated elements)."""
+        group_ranks = set(dist.get_process_group_ranks(self.process_group or dist.group.WORLD))
+        for p in params:
+            if not isinstance(p, DTensor):
+                continue
+            for dim, placement in enumerate(p.placements):
+                if not placement.is_shard():
+                    continue
+                peers = set(dist.get_process_group_ranks(p.device_mesh.get_group(dim))) & group_ranks
+                if len(peers) > 1:
+                    raise ValueError(
+                        f"DistributedLion's process_group holds ranks {sorted(peers)}, which hold different shards "
+                        f"of a param (mesh {p.device_mesh}, placements {p.placements}). Pass the replicate group: "
+                        "ranks that hold the same shard in different replicas, e.g. mesh.get_group('replicate')."
+                    )
+        self._meshes_checked = True
+
+    def stacked_state_dict(self, state_dict: dict[str, Any], param_groups: Sequence[dict[str, Any]]) -> dict[str, Any]:
+        return self._stacking.stacked(state_dict, param_groups, self._momentum_keys)
+
+    def unstacked_state_dict(
+        self, state_dict: dict[str, Any], param_groups: Sequence[dict[str, Any]]
+    ) -> dict[str, Any]:
+        return self._stacking.unstacked(state_dict, param_groups, self._momentum_keys)
+
+    @staticmethod
+    def _momentum_keys(param: Tensor, group: dict[str, Any]) -> tuple[str, ...]:
+        """The state that differs between replicas: the momentum (params, and so compensation, are the same)."""
+        return formats.of_group(group).for_param(param).keys
+
+
+def _encode(directions: Sequence[Tensor], *, zero_votes_up: bool) -> Tensor:
+    """One bool per element, True = a +1 vote. Directions hold sign(c); 0 (and NaN) vote `zero_votes_up`."""
+    flat = [d.reshape(-1) for d in directions]
+    return torch.cat([~(d < 0) if zero_votes_up else d > 0 for d in flat])
+
+
+def _all_gather(output: Tensor, tensor: Tensor, group: ProcessGroup | None) -> None:
+    """All-gather into one flat tensor (`all_gather_single` from torch 2.13, `all_gather_into_tensor` before)."""
+    gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+    gather(output, tensor, group=group)
