@@ -42,10 +42,14 @@ class DirectionExchange(ABC):
     ) -> list[list[Tensor] | None]:
         """Every group's local directions in, the directions to apply out (None: leave that group's params)."""
 
-    def stacked_state_dict(self, state_dict: dict[str, Any], params: Sequence[Tensor]) -> dict[str, Any]:
+    def stacked_state_dict(
+        self, state_dict: dict[str, Any], param_groups: Sequence[dict[str, Any]]
+    ) -> dict[str, Any]:
         """The optimizer's state dict with state that differs between replicas kept for every replica."""
         return state_dict
 
-    def unstacked_state_dict(self, state_dict: dict[str, Any], params: Sequence[Tensor]) -> dict[str, Any]:
+    def unstacked_state_dict(
+        self, state_dict: dict[str, Any], param_groups: Sequence[dict[str, Any]]
+    ) -> dict[str, Any]:
         """This replica's part of a `stacked_state_dict` (checked)."""
         return state_dict

@@ -187,11 +187,7 @@ class Lion(Optimizer):
 
     def state_bytes(self) -> int:
         """This rank's optimizer-state bytes: local momentum (int8: codes and scales) and compensation."""
-        return sum(
-            formats.state_bytes(p, self.state[p], group, layouts.of(p))
-            for p, group in self._params_with_groups()
-            if p in self.state
-        )
+        return sum(formats.state_bytes(state, self.param_groups[0]) for state in self.state.values())
 
     def state_dict(self) -> dict[str, Any]:
         """torch.optim's, with each group's `momentum_dtype` by name ("int8": DCP's state-dict tools carry
@@ -200,7 +196,7 @@ class Lion(Optimizer):
         for group in state_dict["param_groups"]:
             group["momentum_dtype"] = formats.name_of(group.get("momentum_dtype"))
         if self._exchange is not None:
-            state_dict = self._exchange.stacked_state_dict(state_dict, [p for p, _ in self._params_with_groups()])
+            state_dict = self._exchange.stacked_state_dict(state_dict, self.param_groups)
         return state_dict
 
     def dequantized_state_dict(self) -> dict[str, Any]:
@@ -225,7 +221,7 @@ class Lion(Optimizer):
             if result is not None:
                 state_dict = result
         if self._exchange is not None and isinstance(state_dict, dict):
-            state_dict = self._exchange.unstacked_state_dict(state_dict, [p for p, _ in self._params_with_groups()])
+            state_dict = self._exchange.unstacked_state_dict(state_dict, self.param_groups)
         if isinstance(state_dict, dict) and isinstance(state_dict.get("param_groups"), list):
             state_dict["param_groups"] = [groups.by_value(g) for g in state_dict["param_groups"]]
         current_values = self._check_state_dict(state_dict)

@@ -46,6 +46,7 @@ ROUTING_KEYS = (
 MAX_PLANS_PER_GROUP = 256  # ZeRO-3 calls step() once per sub-group, each with its own params
 
 _grad = attrgetter("grad")
+_is_sparse = attrgetter("is_sparse")
 _dtype = attrgetter("dtype")
 _data_ptr = Tensor.data_ptr
 
@@ -158,6 +159,10 @@ class PlanCache:
         params = group["params"]
         grads = list(map(_grad, params))
         mask = None if all(map(is_not, grads, repeat(None))) else list(map(is_not, grads, repeat(None)))
+        if any(map(_is_sparse, compress(grads, mask) if mask is not None else grads)):
+            # Lion moves every element (sign(b1 * m) where a row has no gradient): a sparse gradient
+            # (nn.Embedding(sparse=True)) is used densified, which is lion-pytorch's arithmetic too
+            grads = [g.to_dense() if g is not None and g.is_sparse else g for g in grads]
         sig = (*signature(group), split)
         plans = self._plans.setdefault(gi, OrderedDict())
         present = grads if mask is None else list(compress(grads, mask))
@@ -266,13 +271,9 @@ def _same_layout(spec: Any, expected: Any) -> bool:
     return spec is expected or (spec.mesh == expected.mesh and spec.placements == expected.placements)
 
 
-def _validated_local_grad(p: Tensor, layout: Layout, name: str) -> Tensor:
-    grad = p.grad
-    if grad.is_sparse:
-        raise TypeError(
-            f"Lion does not support sparse gradients, got one for {name}; use a dense embedding (sparse=False)"
-        )
-    local_g = layout.local_grad(p, name)
+def _validated_local_grad(p: Tensor, grad: Tensor, layout: Layout, name: str) -> Tensor:
+    """`grad` (the param's, densified if it was sparse), its local part checked against the param's."""
+    local_g = layout.local(grad) if grad is not p.grad else layout.local_grad(p, name)
     if local_g.is_sparse or local_g.layout != torch.strided:
         raise TypeError(f"Lion needs dense (strided) gradients, got a {local_g.layout} one for {name}")
     if local_g.shape != layout.local(p).shape:
@@ -303,7 +304,7 @@ def build(
     positions = [pi for pi, g in enumerate(grads) if g is not None]
     present_layouts = [layouts.of(params[pi]) for pi in positions]
     local_grads = [
-        _validated_local_grad(params[pi], layout, name(pi))
+        _validated_local_grad(params[pi], grads[pi], layout, name(pi))
         for pi, layout in zip(positions, present_layouts, strict=True)
     ]
     group_format = formats.of_group(group)

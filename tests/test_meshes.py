@@ -19,7 +19,7 @@ from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.tensor import DTensor, Replicate, Shard
 
 from lion_dist import Lion, SmallBatchWarning, batch_guard
-from lion_dist.batch_guard import infer_data_parallel_size
+from lion_dist.layouts import data_parallel_size as infer_data_parallel_size
 from tests.distributed import spawn
 
 FAKE_WORLD = 16

@@ -103,7 +103,8 @@ class Stacking:
         everyone: list[Any] = [None] * self.replicas()
         dist.all_gather_object(everyone, mine, group=group)  # each replica's own ranks, in replica order
         groups = [group, *(inner.get_group(d) for d in range(inner.ndim))]
-        return DeviceMesh.from_group(groups, device_type, mesh=torch.tensor(everyone))
+        names = ("replicas", *(f"param_dim_{d}" for d in range(inner.ndim)))  # from_group needs names for N-D
+        return DeviceMesh.from_group(groups, device_type, mesh=torch.tensor(everyone), mesh_dim_names=names)
 
 
 def _pairs(state_dict: dict[str, Any], param_groups: Sequence[dict[str, Any]]):

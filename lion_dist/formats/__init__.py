@@ -28,6 +28,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from lion_dist import layouts
 from lion_dist.layouts import Layout
 
 
@@ -85,16 +86,12 @@ class MomentumFormat(ABC):
         local = self.decode([layout.local(state[k]) for k in self.keys]).to(torch.float32, copy=True)
         return layout.around(local, tuple(state[self.keys[0]].shape))
 
-    def nbytes(self, state: Mapping[str, Any], layout: Layout) -> int:
-        """This rank's bytes of the momentum."""
-        return sum(_local_bytes(state[k], layout) for k in self.keys if isinstance(state.get(k), Tensor))
-
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.name!r})"
 
 
-def _local_bytes(t: Tensor, layout: Layout) -> int:
-    local = layout.local(t)
+def _local_bytes(t: Tensor) -> int:
+    local = layouts.local(t)
     return local.numel() * local.element_size()
 
 
@@ -175,7 +172,7 @@ def conform(param: Tensor, state: dict[str, Any], group: Mapping[str, Any], layo
     as torch's `load_state_dict` casts it.
     """
     fmt = of_group(group).for_param(param)
-    if fmt.keys[0] not in state:
+    if not state.keys() & _all_keys(group):  # no momentum of any format yet
         if create:
             state.update(fmt.zeros(param, layout))
     else:
@@ -198,28 +195,24 @@ def check_state(param: Tensor, state: Any, group: Mapping[str, Any], where: str)
     momentum some format holds; keys of no format (a wrapper's, e.g. timm's Lookahead) are carried as they are."""
     if not isinstance(state, Mapping):
         raise ValueError(f"state for {where} must be a dict of tensors, got {type(state).__name__}")
-    known = state.keys() & (_all_keys(group) | {compensation.KEY})
-    if "exp_avg" not in state:
-        if state and not known:
-            return  # only a wrapper's keys: no momentum yet
+    if state and not state.keys() & (_all_keys(group) | {compensation.KEY}):
+        return  # only a wrapper's keys: no momentum yet
+    own = of_group(group).for_param(param)
+    source = _source(param, state, group, own)
+    if source is None and own.keys[0] not in state and "exp_avg" not in state:
         raise ValueError(
             f"state for {where} has {sorted(state)}; a Lion state holds 'exp_avg' (the momentum), with int8 momentum "
             "'exp_avg_scale', with compensation 'compensation' (is this state dict from another optimizer?)"
         )
-    own = of_group(group).for_param(param)
-    (_source(param, state, group, own) or own).check(param, state, where)
+    (source or own).check(param, state, where)
     compensation.check(param, state, where)
 
 
-def state_bytes(param: Tensor, state: Mapping[str, Any], group: Mapping[str, Any], layout: Layout) -> int:
-    """This rank's bytes of `param`'s momentum and compensation (a wrapper's keys are not Lion's)."""
-    fmt = of_group(group).for_param(param)
-    total = fmt.nbytes(state, layout)
-    buffer = state.get(compensation.KEY)
-    if isinstance(buffer, Tensor):
-        local = layout.local(buffer)
-        total += local.numel() * local.element_size()
-    return total
+def state_bytes(state: Mapping[str, Any], group: Mapping[str, Any]) -> int:
+    """This rank's bytes of a param's momentum (of any format) and compensation; a wrapper's keys are not Lion's.
+    By key, not by param: ZeRO-3 steps sub-groups whose params are swapped in and out of the group."""
+    keys = _all_keys(group) | {compensation.KEY}
+    return sum(_local_bytes(t) for key, t in state.items() if key in keys and isinstance(t, Tensor))
 
 
 def as_float(param: Tensor, state: Mapping[str, Any], group: Mapping[str, Any], layout: Layout) -> dict[str, Any]:
