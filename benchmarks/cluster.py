@@ -290,8 +290,13 @@ def run_job(cluster: Cluster, args: argparse.Namespace, flags: list[str], out: P
     return json.loads((out / "summary.json").read_text())
 
 
-def _tail(path: Path, lines: int = 25) -> str:
-    return "\n".join(path.read_text(errors="replace").splitlines()[-lines:]) if path.exists() else ""
+def _tail(path: Path, lines: int = 12) -> str:
+    """A failed node's log, shortened: its exception lines (the root cause), then its last lines."""
+    text = path.read_text(errors="replace").splitlines() if path.exists() else []
+    errors = list(
+        dict.fromkeys(line for line in text if re.match(r"^(\[rank\d+\]: )?\w+(\.\w+)*(Error|Exception)\b", line))
+    )
+    return "\n".join([*errors[:5], "...", *text[-lines:]])
 
 
 def run_record(summary: dict[str, Any], workers: int) -> dict[str, Any]:
@@ -342,8 +347,9 @@ def equivalence(
     node_gpu = GPUS_PER_NODE * H100_BF16_DENSE * mfu
     factor = node_gpu / node_here
     lines = [
-        f"A worker here reached {worker_flops / 1e9:.2f} GFLOP/s, a node of {workers_per_node} "
-        f"{node_here / 1e9:.2f} GFLOP/s; an {GPUS_PER_NODE} x H100 SXM node at {mfu:.0%} of "
+        f"A worker here reached {worker_flops / 1e9:.2f} GFLOP/s, a node ({workers_per_node} worker"
+        f"{'s' if workers_per_node > 1 else ''}) {node_here / 1e9:.2f} GFLOP/s; an {GPUS_PER_NODE} x H100 SXM "
+        f"node at {mfu:.0%} of "
         f"{H100_BF16_DENSE / 1e12:.0f} dense bf16 TFLOP/s per GPU (an assumption) does {node_gpu / 1e15:.2f} "
         f"PFLOP/s, {factor:,.0f}x more. "
         "At equal bytes per FLOP:",
@@ -469,29 +475,40 @@ def main(argv: list[str] | None = None) -> int:
         "seeds": seeds,
         "models": {},
     }
-    with Cluster(args.nodes, prefix) as cluster:
-        for model in args.models:
-            fpt, n_params = flops_per_token(model, args.data)
-            per_model: dict[str, Any] = {"flops_per_token": fpt, "n_params": n_params, "rates": {}}
-            results["models"][model] = per_model
-            for rate in args.rates:
-                cluster.shape(rate)
-                per_model["rates"][rate] = {}
-                for layout in args.layouts:
-                    runs = per_model["rates"][rate][layout] = []
-                    for seed in seeds:
-                        run_out = out / model / rate / layout / f"seed{seed}"
-                        print(f"[{model} {rate} {layout} seed {seed}] -> {run_out}", flush=True)
-                        summary = run_job(cluster, args, job_flags(args, model, layout, seed, run_out), run_out)
-                        runs.append(run_record(summary, args.workers_per_node))
-                        print(f"  {_run_line(runs[-1])}", flush=True)
-            per_model["equivalence"] = _equivalence(per_model, args)
+    try:
+        with Cluster(args.nodes, prefix) as cluster:
+            run_grid(cluster, args, results, out)
+    except RuntimeError as error:  # a failed command or job: its message says which (the namespaces are gone)
+        print(f"benchmarks/cluster.py: {error}", file=sys.stderr)
+        return 1
     out.mkdir(parents=True, exist_ok=True)
     (out / "cluster.json").write_text(json.dumps(results, indent=1))
     text = report(results)
     (out / "cluster.md").write_text(text + "\n")
     print("\n" + text + f"\nwrote {out / 'cluster.md'} and {out / 'cluster.json'}", flush=True)
     return 0
+
+
+def run_grid(cluster: Cluster, args: argparse.Namespace, results: dict[str, Any], out: Path) -> None:
+    """Every model x rate x layout x seed on `cluster`, into `results["models"]`."""
+    seeds = results["seeds"]
+    for model in args.models:
+        fpt, n_params = flops_per_token(model, args.data)
+        per_model: dict[str, Any] = {"flops_per_token": fpt, "n_params": n_params, "rates": {}}
+        results["models"][model] = per_model
+        for rate in args.rates:
+            cluster.shape(rate)
+            per_model["rates"][rate] = {}
+            for layout in args.layouts:
+                runs = per_model["rates"][rate][layout] = []
+                for seed in seeds:
+                    run_out = out / model / rate / layout / f"seed{seed}"
+                    print(f"[{model} {rate} {layout} seed {seed}] -> {run_out}", flush=True)
+                    summary = run_job(cluster, args, job_flags(args, model, layout, seed, run_out), run_out)
+                    runs.append(run_record(summary, args.workers_per_node))
+                    print(f"  {_run_line(runs[-1])}", flush=True)
+                    (out / "cluster.json").write_text(json.dumps(results, indent=1))  # so far, if a later run fails
+        per_model["equivalence"] = _equivalence(per_model, args)
 
 
 def _run_line(r: dict[str, Any]) -> str:

@@ -39,7 +39,7 @@ from torch import Tensor, nn
 from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
-from torch.distributed.fsdp import fully_shard
+from torch.distributed.fsdp import FSDPModule, fully_shard
 from torch.distributed.tensor import DTensor, Shard
 from torch.nn.parallel import DistributedDataParallel
 from torch.optim import Optimizer
@@ -575,10 +575,20 @@ class _Run:
         }
 
     def param_digest(self) -> str:
-        """sha256 of this rank's local params, in order: the same on every replica exactly when they are identical."""
+        """sha256 of this rank's local params, in order: the same on every replica exactly when they are identical.
+
+        FSDP2 leaves the root's params unsharded after an evaluation's forward, so its modules reshard first (else
+        ranks of one replica would hash whole params, and a numpy view of the all-gathered storage makes FSDP2's
+        later free of it fail). Each shard is copied before numpy sees it, for the same reason.
+        """
+        for module in self.model.modules():
+            if isinstance(module, FSDPModule):
+                module.reshard()
         digest = hashlib.sha256()
         for p in self.model.parameters():
-            digest.update(shards.local(p).detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+            digest.update(
+                shards.local(p).detach().to("cpu", copy=True).contiguous().view(torch.uint8).numpy().tobytes()
+            )
         return digest.hexdigest()
 
 
