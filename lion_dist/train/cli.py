@@ -135,8 +135,8 @@ def _add_train_flags(
         add(
             "--distributed-lion",
             action="store_true",
-            help="Distributed Lion: every worker is a whole replica that sends its 1-bit Lion signs instead of "
-            "all-reducing gradients; all apply the vote (needs --optimizer lion)",
+            help="Distributed Lion: replicas send their 1-bit Lion signs instead of all-reducing gradients, and all "
+            "apply the vote (needs --optimizer lion); every worker is a whole replica unless --replicate N",
         )
         add(
             "--replicate",

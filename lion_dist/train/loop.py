@@ -622,8 +622,12 @@ def format_summary(s: dict[str, Any], out: Path) -> str:
     if lay["replicas"] > 1:
         same = "bit-identical" if lay["replicas_identical"] else "DIFFERENT (a bug: please report it)"
         digests = lay["param_sha256_per_rank"]
-        where = f"on all {len(digests)} ranks" if lay["shards"] == 1 else f"shard by shard ({lay['shards']} shards)"
-        lines.append(f"  replicas         params {same} across the {lay['replicas']} replicas {where}")
+        where = (
+            f"on all {len(digests)} ranks"
+            if lay["shards"] == 1
+            else f"across the {lay['replicas']} replicas, shard by shard ({lay['shards']} shards each)"
+        )
+        lines.append(f"  replicas         params {same} {where}")
     for i, sample in enumerate(s["samples"]):
         lines += [f"--- sample {i + 1} (prompt, then generated) ---", sample["prompt"] + sample["continuation"]]
     return "\n".join(lines)
