@@ -33,6 +33,7 @@ from lion_dist.train.config import (
     SWEEP_LR_GRIDS,
     TrainConfig,
     check_out_dir,
+    layout,
     validate,
 )
 from lion_dist.train.launcher import launch, machine_description, to_argv
@@ -134,8 +135,22 @@ def _add_train_flags(
         add(
             "--distributed-lion",
             action="store_true",
-            help="Distributed Lion: every worker is a whole replica that sends its 1-bit Lion signs instead of "
-            "all-reducing gradients; all apply the vote (needs --optimizer lion)",
+            help="Distributed Lion: replicas send their 1-bit Lion signs instead of all-reducing gradients, and all "
+            "apply the vote (needs --optimizer lion); every worker is a whole replica unless --replicate N",
+        )
+        add(
+            "--replicate",
+            type=int,
+            default=None,
+            metavar="N",
+            help="N replicas of world / N ranks each: FSDP2 shards inside a replica; across replicas HSDP all-reduces "
+            "gradients, --distributed-lion votes with 1-bit signs on each rank's shard (two-level). Default: the world "
+            "size with --distributed-lion (every rank a whole replica), else 1 (FSDP2 over all ranks)",
+        )
+        add(
+            "--ddp",
+            action="store_true",
+            help="DistributedDataParallel instead of FSDP2: every rank a whole replica, fp32 gradient all-reduce",
         )
         add(
             "--aggregate",
@@ -213,6 +228,14 @@ def _add_train_flags(
     add("--samples", type=int, default=d.samples, help=f"text samples generated at the end (default: {d.samples})")
     add("--sample-chars", type=int, default=d.sample_chars, help=f"characters per sample (default: {d.sample_chars})")
     add(
+        "--link-iface",
+        default=None,
+        metavar="NAME",
+        help="the network interface that carries this node's traffic to other nodes: the summary adds its tx bytes "
+        "per training step (Linux /sys/class/net/NAME/statistics/tx_bytes) beside the bytes counted from the "
+        "collectives",
+    )
+    add(
         "--device",
         choices=("auto", "cpu", "cuda"),
         default=d.device,
@@ -259,7 +282,9 @@ def _train(args: argparse.Namespace) -> int:
     cfg = _config(args)
     validate(cfg)
     check_out_dir(cfg)
-    return launch(cfg, _nproc(args.nproc_per_node, cfg))
+    nproc = _nproc(args.nproc_per_node, cfg)
+    layout(cfg, nproc)  # a --replicate that does not divide the workers fails here, before torchrun starts
+    return launch(cfg, nproc)
 
 
 def _compare(args: argparse.Namespace, argv: list[str]) -> int:

@@ -85,6 +85,9 @@ class TrainConfig:
     d_model: int = 128
     optimizer: str = "lion"
     distributed_lion: bool = False
+    replicate: int | None = None
+    ddp: bool = False
+    link_iface: str | None = None
     aggregate: str | None = None
     momentum_dtype: str | None = None
     int8_block_size: int = 128
@@ -157,6 +160,17 @@ def validate(cfg: TrainConfig) -> None:
         raise ValueError(
             f"--distributed-lion exchanges Lion's sign updates, so it needs --optimizer lion, got {cfg.optimizer!r}"
         )
+    if cfg.replicate is not None and (not isinstance(cfg.replicate, int) or cfg.replicate < 1):
+        raise ValueError(
+            f"--replicate must be a positive number of replicas, got {cfg.replicate!r}: 1 = FSDP2 over all ranks, "
+            "N = HSDP (or two-level Distributed Lion) with N replicas of world / N ranks"
+        )
+    if cfg.ddp and (cfg.distributed_lion or cfg.replicate is not None):
+        raise ValueError(
+            "--ddp makes every rank a whole replica that all-reduces its gradients: leave out "
+            f"{'--distributed-lion' if cfg.distributed_lion else '--replicate'} (for 1-bit votes across whole "
+            "replicas use --distributed-lion alone)"
+        )
     if cfg.aggregate is not None and (not cfg.distributed_lion or cfg.aggregate not in AGGREGATES):
         raise ValueError(
             f"--aggregate {cfg.aggregate!r}: pass one of {', '.join(AGGREGATES)}, together with --distributed-lion"
@@ -188,6 +202,50 @@ def validate(cfg: TrainConfig) -> None:
     if not lr > 0 or not wd >= 0 or not all(0 <= b < 1 for b in betas):
         raise ValueError(f"need --lr > 0, --weight-decay >= 0 and --betas in [0, 1), got {lr!r}, {wd!r}, {betas!r}")
     GPTConfig(vocab_size=1, seq_len=cfg.seq_len, n_layer=cfg.n_layer, n_head=cfg.n_head, d_model=cfg.d_model)
+
+
+@dataclass(frozen=True)
+class Layout:
+    """How the job lays out its ranks: `replicas` copies of the model, each sharded over `shards` ranks.
+
+    mode: "fsdp" (FSDP2 over all ranks), "hsdp" (FSDP2's HSDP: reduce-scatter inside a replica, all-reduce across
+    replicas), "distributed-lion" (FSDP2 inside each replica, 1-bit sign votes across replicas), "ddp" (every rank
+    a whole replica, fp32 gradient all-reduce). Ranks r and r + shards hold the same shard in neighbouring replicas.
+    """
+
+    mode: str
+    replicas: int
+    shards: int
+
+    def words(self) -> str:
+        if self.mode == "fsdp":
+            return f"FSDP2 over all {self.shards} ranks"
+        if self.mode == "ddp":
+            return f"DDP, {self.replicas} whole replicas (fp32 gradient all-reduce)"
+        inside = "one rank each" if self.shards == 1 else f"FSDP2 over {self.shards} ranks each"
+        across = "1-bit sign votes" if self.mode == "distributed-lion" else "gradient all-reduce"
+        name = "two-level Distributed Lion" if self.mode == "distributed-lion" else "HSDP"
+        return f"{name}: {self.replicas} replicas ({inside}), {across} across them"
+
+
+def layout(cfg: TrainConfig, world: int) -> Layout:
+    """The layout of `cfg` on `world` ranks; a ValueError naming the values and the fix when it does not fit.
+
+    `--replicate` defaults to the world size with --distributed-lion (every rank a whole replica) and to 1 (FSDP2
+    over all ranks) otherwise.
+    """
+    if cfg.ddp:
+        return Layout("ddp", world, 1)
+    replicas = cfg.replicate if cfg.replicate is not None else (world if cfg.distributed_lion else 1)
+    if replicas < 1 or world % replicas:
+        divisors = [d for d in range(1, world + 1) if world % d == 0]
+        raise ValueError(
+            f"--replicate {replicas} does not divide the {world} ranks: each replica is world / N ranks, so pass "
+            f"one of {', '.join(map(str, divisors))} (or change the number of workers)"
+        )
+    if cfg.distributed_lion:
+        return Layout("distributed-lion", replicas, world // replicas)
+    return Layout("fsdp" if replicas == 1 else "hsdp", replicas, world // replicas)
 
 
 def check_out_dir(cfg: TrainConfig) -> None:

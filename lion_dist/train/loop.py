@@ -4,11 +4,15 @@ Everything a step does is a pure function of (seed, step): the batch, the learni
 needs model, optimizer and the step, and a resumed or repeated run on the same world size is bit-identical to
 an uninterrupted one.
 
-`--distributed-lion` makes every rank a whole replica instead of a shard: the model is sharded with FSDP2 on a
-one-rank mesh (the "shard" dim of a (world, 1) ("replicate", "shard") mesh, so FSDP2 reduces nothing across
-ranks and each rank keeps its own gradient), and `distributed_lion.DistributedLion` exchanges the replicas' 1-bit
-signs over the "replicate" group. Params stay identical, momenta differ, so its checkpoints keep every replica's
-momentum (`DistributedLion`'s state dict stacks them) and resume on the same number of workers only.
+The layout (`config.layout`): FSDP2 over all ranks (default); `--replicate N`: a (N, world / N) ("replicate",
+"shard") mesh, FSDP2's HSDP (reduce-scatter inside a replica, all-reduce across replicas); `--ddp`: every rank a
+whole replica (DistributedDataParallel). `--distributed-lion` shards each replica with FSDP2 on its own
+`mesh["shard"]` (so FSDP2 reduces nothing across replicas and each replica keeps its own gradient), and
+`distributed_lion.DistributedLion` exchanges the replicas' 1-bit signs of each rank's local shard over the
+"replicate" group; `--replicate` defaults to the world size there (every rank a whole replica). Params stay
+identical, momenta differ, so its checkpoints keep every replica's momentum (`DistributedLion`'s state dict
+stacks them) and resume on the same layout only. Every step counts the bytes each rank sends in collectives, and
+those to other nodes (`comm.py`).
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ import shutil
 import socket
 import time
 from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -31,19 +36,24 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
+from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
-from torch.distributed.fsdp import fully_shard
+from torch.distributed.fsdp import FSDPModule, fully_shard
+from torch.nn.parallel import DistributedDataParallel
 from torch.optim import Optimizer
 from tqdm import tqdm
 
 from lion_dist import Lion, checkpoint, layouts
 from lion_dist.distributed_lion import DistributedLion, choose_transport, ring_bytes_sent, vote_bytes_sent
+from lion_dist.train.comm import CollectiveCounter, LinkCounter, node_of_ranks
 from lion_dist.train.config import (
     GPTConfig,
+    Layout,
     TrainConfig,
     check_out_dir,
     default_warmup_steps,
+    layout,
     resolve_hyperparams,
     validate,
 )
@@ -140,21 +150,17 @@ class _Run:
             d_model=cfg.d_model,
         )
         torch.manual_seed(cfg.seed)  # every rank builds the same initial model; fully_shard keeps its shard
-        self.model = GPT(self.model_cfg).to(self.device, getattr(torch, cfg.param_dtype))
+        self.model: nn.Module = GPT(self.model_cfg).to(self.device, getattr(torch, cfg.param_dtype))
         self.n_params = sum(p.numel() for p in self.model.parameters())
-        # --distributed-lion: every rank a whole replica, sharded on a one-rank mesh; signs go across "replicate"
-        shape, names = ((self.world, 1), ("replicate", "shard")) if cfg.distributed_lion else ((self.world,), None)
-        mesh = init_device_mesh(self.device.type, shape, mesh_dim_names=names)
-        self.mesh = mesh  # run_worker frees its process groups at the end (`close_process_groups`)
-        shard_mesh = mesh["shard"] if cfg.distributed_lion else mesh
-        for block in self.model.blocks:
-            fully_shard(block, mesh=shard_mesh)
-        fully_shard(self.model, mesh=shard_mesh)
+        self.layout: Layout = layout(cfg, self.world)
+        self.mesh = self._distribute()  # run_worker frees its process groups at the end (`close_process_groups`)
+        self.counter = CollectiveCounter(node_of_ranks())
+        self.link = LinkCounter(cfg.link_iface) if cfg.link_iface else None
         groups = _param_groups(self.model, self.wd)
         if cfg.distributed_lion:
             self.optimizer: Optimizer = DistributedLion(
                 groups,
-                process_group=mesh.get_group("replicate"),
+                process_group=self.mesh.get_group("replicate"),
                 lr=self.lr,
                 betas=self.betas,
                 weight_decay=self.wd,
@@ -163,6 +169,23 @@ class _Run:
             )
         else:
             self.optimizer = OPTIMIZERS[cfg.optimizer].build(groups, self.lr, self.wd, self.betas, cfg)
+
+    def _distribute(self) -> DeviceMesh | None:
+        """Wrap the model for the layout (module doc); returns the device mesh, None for DDP."""
+        lay = self.layout
+        if lay.mode == "ddp":
+            self.model = DistributedDataParallel(self.model, broadcast_buffers=False)
+            self.model.register_comm_hook(None, allreduce_hook)  # through dist.all_reduce: the counter sees it
+            return None
+        if lay.mode == "fsdp":
+            mesh = shard_mesh = init_device_mesh(self.device.type, (self.world,))
+        else:
+            mesh = init_device_mesh(self.device.type, (lay.replicas, lay.shards), mesh_dim_names=("replicate", "shard"))
+            shard_mesh = mesh["shard"] if lay.mode == "distributed-lion" else mesh  # 2-D: FSDP2's HSDP
+        for block in self.model.blocks:
+            fully_shard(block, mesh=shard_mesh)
+        fully_shard(self.model, mesh=shard_mesh)
+        return mesh
 
     # ---------------------------------------------------------------- output
 
@@ -184,7 +207,8 @@ class _Run:
             "seed": self.cfg.seed,
             "param_dtype": self.cfg.param_dtype,
             "global_batch": self.global_batch,
-            "replicas": self.world if self.cfg.distributed_lion else None,  # its checkpoint's momenta per param
+            "replicas": self.layout.replicas if self.cfg.distributed_lion else None,  # momenta per param
+            "layout": _layout_key(self.layout.mode, self.layout.replicas),
         }
 
     # ---------------------------------------------------------------- start
@@ -227,11 +251,19 @@ class _Run:
                     f"checkpoint {path} was saved with {key} {saved.get(key)!r}, this run has {mine[key]!r}: "
                     f"pass the same flags as the run that saved it, or start over with --overwrite"
                 )
-        if saved.get("replicas") != mine["replicas"]:
+        # checkpoints from before --replicate have no "layout": FSDP2, or Distributed Lion on `replicas` ranks
+        old = ["distributed-lion", saved["replicas"]] if saved.get("replicas") else ["fsdp", None]
+        theirs = saved.get("layout", old)
+        if theirs != mine["layout"]:
+            why = (
+                "a Distributed Lion checkpoint holds one momentum per replica, so "
+                if "distributed-lion" in (theirs[0], mine["layout"][0])
+                else ""
+            )
             raise ValueError(
-                f"checkpoint {path} was saved {_mode_words(saved.get('replicas'))}, this run is "
-                f"{_mode_words(mine['replicas'])}: a --distributed-lion checkpoint holds one momentum per replica, so "
-                "resume it with the same flags and --nproc-per-node, or start over with --overwrite"
+                f"checkpoint {path} was saved with layout {_layout_flags(*theirs)}, this run has "
+                f"{_layout_flags(*mine['layout'])}: {why}resume it with the same --replicate / --distributed-lion / "
+                "--ddp flags and number of workers, or start over with --overwrite"
             )
         changed = [k for k in ("data", "seed", "global_batch") if saved.get(k) != mine[k]]
         if changed:
@@ -257,17 +289,32 @@ class _Run:
             world=self.world,
         )
         loss_sum = torch.zeros((), device=self.device)
-        for i, (x, y) in enumerate(batches):
-            self.model.set_requires_gradient_sync(i == len(batches) - 1)  # reduce-scatter once per step
-            logits = self.model(x.to(self.device))
-            loss = F.cross_entropy(logits.float().flatten(0, 1), y.to(self.device).flatten())
-            (loss / len(batches)).backward()
-            loss_sum += loss.detach()
-        if cfg.grad_clip:
-            nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
-        self.optimizer.step()
+        with self.counter.counting():
+            for i, (x, y) in enumerate(batches):
+                with self._gradient_sync(i == len(batches) - 1):  # reduce once per step
+                    logits = self.model(x.to(self.device))
+                    loss = F.cross_entropy(logits.float().flatten(0, 1), y.to(self.device).flatten())
+                    (loss / len(batches)).backward()
+                loss_sum += loss.detach()
+            if cfg.grad_clip:
+                nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
+            self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         return loss_sum
+
+    def _gradient_sync(self, sync: bool) -> AbstractContextManager[Any]:
+        """FSDP2 and DDP's ways to skip the gradient reduction of all but the last micro batch."""
+        if isinstance(self.model, DistributedDataParallel):
+            return nullcontext() if sync else self.model.no_sync()
+        self.model.set_requires_gradient_sync(sync)
+        return nullcontext()
+
+    def _link_tx(self) -> int | None:
+        """This node's link tx counter once every rank got here (None without --link-iface)."""
+        if self.link is None:
+            return None
+        dist.barrier()
+        return self.link.read()
 
     @torch.no_grad()
     def evaluate(self) -> float:
@@ -316,7 +363,7 @@ class _Run:
         tokens_per_step = self.global_batch * cfg.seq_len
         self.print(
             f"{self.n_params:,} params on {self.world} rank{'s' if self.world > 1 else ''} ({self.device.type}, "
-            f"{'Distributed Lion, one replica per rank' if cfg.distributed_lion else 'FSDP2'}), global batch "
+            f"{self.layout.words()}), global batch "
             f"{cfg.micro_batch_size} x {cfg.grad_accum} x {self.world} = {self.global_batch} sequences of "
             f"{cfg.seq_len} chars, data: {self.corpus.source} ({len(self.corpus.train):,} train / "
             f"{len(self.corpus.val):,} val chars, vocab {self.corpus.vocab_size})"
@@ -328,6 +375,8 @@ class _Run:
             self.log({"kind": "val", "step": 0, "val_loss": last_eval[1]})
         bar = tqdm(total=stop, initial=start, disable=self.rank != 0, desc=self.name, dynamic_ncols=True)
         train_time, interval_loss, interval_steps = 0.0, torch.zeros((), device=self.device), 0
+        counted = self.counter.totals()
+        link_tx = [self._link_tx(), None]  # the link's counter around the training steps
         interval_start = time.perf_counter()
         for step in range(start + 1, stop + 1):
             lr = lr_at(step, self.lr, cfg)
@@ -340,11 +389,26 @@ class _Run:
                 elapsed = time.perf_counter() - interval_start
                 train_time += elapsed
                 tokens_per_s = interval_steps * tokens_per_step / elapsed
-                self.log({"kind": "train", "step": step, "loss": loss, "lr": lr, "tokens_per_s": tokens_per_s})
-                bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tokens_per_s:,.0f}", lr=f"{lr:.2e}")
+                now = self.counter.totals()
+                sent, link = ((now[i] - counted[i]) / interval_steps for i in (0, 1))
+                counted = now
+                self.log(
+                    {
+                        "kind": "train",
+                        "step": step,
+                        "loss": loss,
+                        "lr": lr,
+                        "tokens_per_s": tokens_per_s,
+                        "bytes_sent_per_step": sent,  # rank 0's, in collectives (comm.py)
+                        "link_bytes_sent_per_step": link,  # of them, to other nodes
+                    }
+                )
+                bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tokens_per_s:,.0f}", lr=f"{lr:.2e}", sent=f"{sent:,.0f}")
                 interval_loss.zero_()
                 interval_steps = 0
                 interval_start = time.perf_counter()
+            if step == stop:
+                link_tx[1] = self._link_tx()
             paused = time.perf_counter()  # evaluation and checkpoints do not count towards tokens/s
             if step % cfg.eval_interval == 0 or step == stop:
                 last_eval = (step, self.evaluate())
@@ -359,14 +423,22 @@ class _Run:
         bar.close()
         if last_eval is None or last_eval[0] != stop:  # resumed at the end: nothing trained, evaluate once
             last_eval = (stop, self.evaluate())
-        return self.finish(start, stop, train_time, last_eval[1])
+        tx = None if None in link_tx else link_tx[1] - link_tx[0]
+        return self.finish(start, stop, train_time, last_eval[1], tx)
 
-    def finish(self, start: int, stop: int, train_time: float, val_loss: float) -> dict[str, Any] | None:
+    def finish(
+        self, start: int, stop: int, train_time: float, val_loss: float, link_tx: int | None
+    ) -> dict[str, Any] | None:
         """Plot, summarise and sample on rank 0; returns the summary there (None elsewhere)."""
         cfg = self.cfg
-        per_rank = [None] * self.world
-        digest = self.param_digest() if cfg.distributed_lion else None
-        local = (OPTIMIZERS[cfg.optimizer].state_bytes(self.optimizer), _peak_memory_bytes(self.device), digest)
+        per_rank: list[Any] = [None] * self.world
+        local = (
+            OPTIMIZERS[cfg.optimizer].state_bytes(self.optimizer),
+            _peak_memory_bytes(self.device),
+            self.param_digest() if self.layout.replicas > 1 else None,
+            self.counter.totals(),
+            link_tx,
+        )
         dist.all_gather_object(per_rank, local)
         samples = self.samples() if stop == cfg.steps else []
         if self.rank != 0:
@@ -385,15 +457,17 @@ class _Run:
             "final_train_loss": next((r["loss"] for r in reversed(records) if r["kind"] == "train"), None),
             "tokens_per_s": trained * self.global_batch * cfg.seq_len / train_time if train_time else None,
             "train_time_s": train_time,
-            "optimizer_state_bytes_per_rank": [b for b, _, _ in per_rank],
-            "peak_memory_bytes_per_rank": [m for _, m, _ in per_rank],
+            "optimizer_state_bytes_per_rank": [b for b, *_ in per_rank],
+            "peak_memory_bytes_per_rank": [m for _, m, *_ in per_rank],
             "peak_memory_kind": "cuda max allocated" if self.device.type == "cuda" else "max RSS",
             "world_size": self.world,
             "global_batch": self.global_batch,
             "n_params": self.n_params,
             "device": self.device.type,
             "checkpoint": str(checkpoint.checkpoint_dir(self.ckpt_root, stop)),
-            "distributed_lion": {**self.exchange(), "param_sha256_per_rank": [d for _, _, d in per_rank]}
+            "layout": self.layout_summary([d for _, _, d, _, _ in per_rank]),
+            "comm": self.comm_summary([(c, t) for _, _, _, c, t in per_rank], stop - start),
+            "distributed_lion": {**self.exchange(), "param_sha256_per_rank": [d for _, _, d, _, _ in per_rank]}
             if cfg.distributed_lion
             else None,
             "samples": [{"prompt": p, "continuation": c} for p, c in samples],
@@ -403,21 +477,68 @@ class _Run:
         return summary
 
     def exchange(self) -> dict[str, Any]:
-        """What `--distributed-lion` sends per step: one sign bit per param (`distributed_lion.vote_bytes_sent`)."""
-        transport = choose_transport(self.n_params, self.world)
+        """What `--distributed-lion` sends per step: one sign bit per element of this rank's shard
+        (`distributed_lion.vote_bytes_sent`), against an fp32 all-reduce of the same shard across the replicas."""
+        numel, replicas = sum(layouts.local(p).numel() for p in self.model.parameters()), self.layout.replicas
+        transport = choose_transport(numel, replicas)
         return {
             "aggregate": self.aggregate,
-            "replicas": self.world,
+            "replicas": replicas,
+            "shards": self.layout.shards,
             "transport": transport,
-            "bytes_sent_per_worker_per_step": vote_bytes_sent(transport, self.n_params, self.world),
-            "fp32_all_reduce_bytes_per_worker_per_step": ring_bytes_sent("all_reduce", 4 * self.n_params, self.world),
+            "bytes_sent_per_worker_per_step": vote_bytes_sent(transport, numel, replicas),
+            "fp32_all_reduce_bytes_per_worker_per_step": ring_bytes_sent("all_reduce", 4 * numel, replicas),
+        }
+
+    def layout_summary(self, digests: list[str | None]) -> dict[str, Any]:
+        """The layout, and whether every replica ended with the same params (a hash per rank, compared between
+        the ranks that hold the same shard: rank r and r + shards)."""
+        lay = self.layout
+        by_shard = [{digests[r] for r in range(s, self.world, lay.shards)} for s in range(lay.shards)]
+        return {
+            **asdict(lay),
+            "words": lay.words(),
+            "param_sha256_per_rank": digests,
+            "replicas_identical": all(len(found) == 1 for found in by_shard) if lay.replicas > 1 else None,
+        }
+
+    def comm_summary(self, per_rank: list[tuple[tuple[int, int, int], int | None]], steps: int) -> dict[str, Any]:
+        """Bytes sent per step by each rank in collectives and to other nodes (comm.py), and per node: counted,
+        and read from --link-iface's counter (the first rank of each node read it)."""
+        nodes = self.counter.node_of_rank
+        per_step = (lambda b: b / steps) if steps else (lambda b: None)
+        link = [link for (_, link, _), _ in per_rank]
+        first_rank = {node: nodes.index(node) for node in sorted(set(nodes))}
+        tx = [per_rank[r][1] for r in first_rank.values()]
+        return {
+            "nodes": len(first_rank),
+            "node_of_rank": nodes,
+            "steps": steps,
+            "bytes_sent_per_rank_per_step": [per_step(sent) for (sent, _, _), _ in per_rank],
+            "link_bytes_sent_per_rank_per_step": [per_step(b) for b in link],
+            "link_bytes_sent_per_node_per_step": [
+                per_step(sum(b for b, n in zip(link, nodes, strict=True) if n == node)) for node in first_rank
+            ],
+            "collectives_per_step": per_step(per_rank[0][0][2]),
+            "link_iface": self.cfg.link_iface,
+            "link_tx_bytes_per_node_per_step": None if None in tx else [per_step(b) for b in tx],
         }
 
     def param_digest(self) -> str:
-        """sha256 of this rank's local params, in order: the same on every replica exactly when they are identical."""
+        """sha256 of this rank's local params, in order: the same on every replica exactly when they are identical.
+
+        FSDP2 leaves the root's params unsharded after an evaluation's forward, so its modules reshard first (else
+        ranks of one replica would hash whole params, and a numpy view of the all-gathered storage makes FSDP2's
+        later free of it fail). Each shard is copied before numpy sees it, for the same reason.
+        """
+        for module in self.model.modules():
+            if isinstance(module, FSDPModule):
+                module.reshard()
         digest = hashlib.sha256()
         for p in self.model.parameters():
-            digest.update(layouts.local(p).detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+            digest.update(
+                layouts.local(p).detach().to("cpu", copy=True).contiguous().view(torch.uint8).numpy().tobytes()
+            )
         return digest.hexdigest()
 
 
@@ -441,17 +562,22 @@ def format_summary(s: dict[str, Any], out: Path) -> str:
         f"  peak memory      {', '.join(f'{m / mib:,.0f}' for m in s['peak_memory_bytes_per_rank'])} MiB per rank "
         f"({s['peak_memory_kind']})",
         f"  outputs          {out / 'metrics.jsonl'}, {out / 'loss.png'}, {out / 'summary.json'}",
-        f"  checkpoint       {s['checkpoint']}",
+        f"  checkpoint       {s['checkpoint'] or 'none (this layout saves none yet)'}",
+        f"  layout           {s['layout']['words']}",
+        f"  communication    {_comm_words(s['comm'])}",
     ]
     if s["distributed_lion"]:
-        digests = s["distributed_lion"]["param_sha256_per_rank"]
-        same = "bit-identical" if len(set(digests)) == 1 else "DIFFERENT (a bug: please report it)"
-        lines += [
-            f"  exchange         {_exchange_words(s['distributed_lion'])}",
-            f"  replicas         params {same} on all {len(digests)} ranks (sha256 {digests[0][:16]}...)"
-            if len(digests) > 1
-            else f"  replicas         1 (params sha256 {digests[0][:16]}...)",
-        ]
+        lines.append(f"  exchange         {_exchange_words(s['distributed_lion'])}")
+    lay = s["layout"]
+    if lay["replicas"] > 1:
+        same = "bit-identical" if lay["replicas_identical"] else "DIFFERENT (a bug: please report it)"
+        digests = lay["param_sha256_per_rank"]
+        where = (
+            f"on all {len(digests)} ranks"
+            if lay["shards"] == 1
+            else f"across the {lay['replicas']} replicas, shard by shard ({lay['shards']} shards each)"
+        )
+        lines.append(f"  replicas         params {same} {where}")
     for i, sample in enumerate(s["samples"]):
         lines += [f"--- sample {i + 1} (prompt, then generated) ---", sample["prompt"] + sample["continuation"]]
     return "\n".join(lines)
@@ -468,10 +594,34 @@ def _exchange_words(exchange: dict[str, Any]) -> str:
     )
 
 
-def _mode_words(replicas: int | None) -> str:
-    if replicas is None:
-        return "without --distributed-lion"
-    return f"with --distributed-lion on {replicas} worker{'s' if replicas > 1 else ''}"
+def _comm_words(comm: dict[str, Any]) -> str:
+    if not comm["steps"]:
+        return "n/a (nothing trained)"
+    sent, link = comm["bytes_sent_per_rank_per_step"], comm["link_bytes_sent_per_rank_per_step"]
+    words = (
+        f"{max(sent):,.0f} bytes sent per rank per step in {comm['collectives_per_step']:.0f} collectives (ring "
+        f"count, the largest rank's); to other nodes {max(link):,.0f}"
+    )
+    if comm["nodes"] > 1:
+        words += f" (per node: {', '.join(f'{b:,.0f}' for b in comm['link_bytes_sent_per_node_per_step'])})"
+    if comm["link_tx_bytes_per_node_per_step"]:
+        tx = ", ".join(f"{b:,.0f}" for b in comm["link_tx_bytes_per_node_per_step"])
+        words += f"; {comm['link_iface']} counted {tx} bytes sent per node per step"
+    return words
+
+
+def _layout_key(mode: str, replicas: int) -> list[Any]:
+    """What a checkpoint's layout must match: the mode, and the number of replicas where momenta depend on it."""
+    return [mode, replicas if mode in ("hsdp", "distributed-lion") else None]
+
+
+def _layout_flags(mode: str, replicas: int | None) -> str:
+    return {
+        "fsdp": "FSDP2 over all ranks (--replicate 1)",
+        "hsdp": f"HSDP with {replicas} replicas (--replicate {replicas})",
+        "distributed-lion": f"Distributed Lion with {replicas} replicas (--distributed-lion --replicate {replicas})",
+        "ddp": "DDP (--ddp)",
+    }.get(mode, repr(mode))
 
 
 def _truncate_metrics(path: Path, step: int) -> None:
