@@ -86,3 +86,21 @@ def fsdp1_flat_offset(t: Tensor) -> int | None:
         if info.in_shard:
             return start + info.intra_param_start_idx - info.offset_in_shard
     return None
+
+
+def fsdp1_views(model: Any) -> list[tuple[Tensor, int]]:
+    """For every original param of an FSDP1 model with `use_orig_params=True` that holds elements on this rank,
+    (the param, the index in the whole original param of its local view's first element): its handles' flat
+    params list the original params and where each shard starts in them (no public API says)."""
+    from torch.distributed.fsdp import FullyShardedDataParallel
+
+    views = []
+    for module in model.modules():
+        handle = getattr(module, "_handle", None) if isinstance(module, FullyShardedDataParallel) else None
+        flat = getattr(handle, "flat_param", None)
+        if flat is None or getattr(flat, "_params", None) is None:
+            continue
+        for param, info in zip(flat._params, flat._shard_param_infos, strict=True):
+            if info.in_shard:
+                views.append((param, info.intra_param_start_idx))
+    return views

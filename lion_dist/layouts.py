@@ -28,6 +28,7 @@ from __future__ import annotations
 import math
 from collections import defaultdict
 from collections.abc import Hashable, Iterable, Sequence
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -157,6 +158,15 @@ def declare_flat_partition(tensor: Tensor, offset: int) -> None:
     if tensor.dim() != 1:
         raise ValueError(f"a flat partition is a 1-D tensor, got one of shape {tuple(tensor.shape)}")
     _declared[tensor] = FlatPartition(offset)
+
+
+def declare_fsdp1(model: Any) -> None:
+    """Declare where each original param's local view starts, for an FSDP1 model with `use_orig_params=True`
+    (FSDP1's own flat params, `use_orig_params=False`, are recognised without this). Its views are plain tensors
+    lion_dist cannot place by itself; declared, each draws the unsharded param's stochastic-rounding noise, and
+    ranks never draw the same noise for different elements. Call it once after wrapping."""
+    for param, start in _torch.fsdp1_views(model):
+        _declared[param] = FlatPartition(start)
 
 
 def of(param: Tensor) -> Layout:
