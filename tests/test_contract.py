@@ -26,6 +26,7 @@ from torch.testing._internal.common_optimizers import (
 
 from lion_dist import Lion
 from lion_dist.backends import capabilities
+from tests.conftest import bits
 
 BACKENDS = ("reference", "foreach", "cpu_fused", "auto")
 QUIET = {"batch_size_policy": "ignore"}
@@ -133,13 +134,6 @@ def run(opt: Lion, params, x: torch.Tensor, steps: int = 10, scheduler=None) -> 
         elif scheduler is not None:
             scheduler.step()
     return losses
-
-
-def bits(t: torch.Tensor) -> torch.Tensor:
-    t = t.detach()
-    if t.is_complex():
-        t = torch.view_as_real(t)
-    return t.contiguous().view({2: torch.int16, 4: torch.int32, 8: torch.int64}[t.element_size()])
 
 
 def same(a, b) -> bool:
@@ -269,11 +263,12 @@ def test_refusals() -> None:
 
 
 def test_errors_at_step() -> None:
-    p = torch.zeros(3, requires_grad=True)
-    opt = Lion([p], **QUIET)
-    p.grad = torch.zeros(3).to_sparse()
-    with pytest.raises(TypeError, match="sparse gradients"):
-        opt.step()
+    p, dense = torch.zeros(3, requires_grad=True), torch.zeros(3, requires_grad=True)
+    opt, dense_opt = Lion([p], **QUIET), Lion([dense], **QUIET)
+    p.grad, dense.grad = torch.tensor([0.0, -2.0, 0.0]).to_sparse(), torch.tensor([0.0, -2.0, 0.0])
+    opt.step()  # a sparse gradient is used as its dense values (lion-pytorch's result), not refused
+    dense_opt.step()
+    assert same([p, opt.state[p]["exp_avg"]], [dense, dense_opt.state[dense]["exp_avg"]])
     opt.param_groups[0]["lr"] = torch.tensor([1e-3, 2e-3])
     p.grad = torch.zeros(3)
     with pytest.raises(ValueError, match="Tensor lr must be 1-element"):

@@ -19,23 +19,12 @@ import torch
 from lion_dist import Lion, backends, spec
 from lion_dist.backends import FUSED_TRIPLES, Need
 from lion_dist.spec import LionHyperparams, lion_reference
+from tests.conftest import assert_same
 
 FP32, BF16, FP16, FP64 = torch.float32, torch.bfloat16, torch.float16, torch.float64
 ROOT = Path(__file__).resolve().parents[1]
 HP = LionHyperparams(lr=3e-3, beta1=0.9, beta2=0.99, weight_decay=0.1)
 SHAPES = [(33, 7), (129,), (1,), (4, 5, 6)]
-
-
-def bits(t: torch.Tensor) -> torch.Tensor:
-    t = t.detach().contiguous()
-    as_int = t.view({2: torch.int16, 4: torch.int32, 8: torch.int64}[t.element_size()])
-    return torch.where(t.isnan(), torch.full_like(as_int, -1), as_int)
-
-
-def assert_same(got, expected) -> None:
-    for i, (g, e) in enumerate(zip(got, expected, strict=True)):
-        assert g.dtype == e.dtype and g.shape == e.shape, (i, g.dtype, e.dtype)
-        assert torch.equal(bits(g), bits(e)), f"tensor {i} ({g.dtype}, {tuple(g.shape)}) differs from the reference"
 
 
 class Mirror:

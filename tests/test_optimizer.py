@@ -407,13 +407,18 @@ def test_non_float_params_are_rejected_and_complex_ones_are_real_views() -> None
     assert torch.equal(z.detach(), torch.tensor([0.5 + 2.5j, -3.0 - 1.0j]))  # sign of each part: not z / |z|
 
 
-def test_sparse_gradient_is_rejected_at_step() -> None:
-    emb = torch.nn.Embedding(10, 3, sparse=True)
-    emb(torch.tensor([1, 2])).sum().backward()
-    opt = Lion(emb.parameters())
-    with pytest.raises(TypeError, match=r"sparse gradients.*shape \(10, 3\)"):
-        opt.step()
-    assert not opt.state
+def test_sparse_gradient_steps_as_its_dense_values() -> None:
+    """`nn.Embedding(sparse=True)` works (as with lion-pytorch): a row with momentum but no gradient this step
+    (row 0 at step 1) moves by sign(b1 * m), exactly as with the dense gradient."""
+    sparse, dense = torch.nn.Embedding(10, 3, sparse=True), torch.nn.Embedding(10, 3)
+    dense.load_state_dict(sparse.state_dict())
+    opts = [Lion(m.parameters(), lr=0.1, batch_size_policy="ignore") for m in (sparse, dense)]
+    for step in range(2):
+        for module, opt in zip((sparse, dense), opts, strict=True):
+            module(torch.tensor([1, 2, step])).sum().backward()
+            opt.step()
+            opt.zero_grad()
+    assert torch.equal(sparse.weight, dense.weight)
 
 
 def test_bad_lr_from_a_scheduler_raises_at_step() -> None:
