@@ -17,6 +17,8 @@ import io
 import pytest
 import torch
 from torch.optim.lr_scheduler import ReduceLROnPlateau, StepLR
+
+pytest.importorskip("expecttest", reason="torch.testing._internal imports expecttest: pip install expecttest")
 from torch.testing._internal.common_optimizers import (
     ErrorOptimizerInput,
     OptimizerErrorEnum,

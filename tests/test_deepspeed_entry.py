@@ -3,8 +3,9 @@
 Config checks run in-process with a stand-in `deepspeed` module (they must fail before DeepSpeed's slow
 start). One 2-rank run trains every launch/ds_*.json config (ZeRO 1, 2, 3, 3 + optimizer offload), stage 0,
 ZeRO-3 with many sub-groups, and the `register()` path a few steps each, and checks the batch guard's
-DeepSpeed arithmetic (also on the `register()` path, where the guard reads the engine that builds Lion); the params
-must equal `lion_dist.Lion`'s given the same grads.
+DeepSpeed arithmetic (also on the `register()` path, where the factory reads the config Hugging Face or Accelerate
+published, and warns that it does not know the batch where nothing was published); the params must equal
+`lion_dist.Lion`'s given the same grads.
 """
 
 from __future__ import annotations
@@ -193,7 +194,8 @@ def test_register_adds_torch_optim_liondist_and_lists_lion_as_zero_tested(
 
 def test_register_without_deepspeed_says_how_to_install(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delattr(torch.optim, "LionDist", raising=False)
-    monkeypatch.setitem(sys.modules, "deepspeed", None)  # makes `import deepspeed` fail
+    for name in ["deepspeed", *(n for n in list(sys.modules) if n.startswith("deepspeed."))]:
+        monkeypatch.setitem(sys.modules, name, None)  # makes `import deepspeed` (and its loaded parts) fail
     with pytest.raises(ImportError, match=r"pip install 'lion-dist\[deepspeed\]'"):
         lds.register()
     assert not hasattr(torch.optim, "LionDist")
@@ -278,6 +280,33 @@ def _guard_messages(config: dict) -> tuple[list[str], str | None]:
     return [str(w.message) for w in caught if issubclass(w.category, SmallBatchWarning)], None
 
 
+def _accelerate_guard() -> tuple:
+    """Accelerate's own DeepSpeed route (`accelerator.prepare` with a `DummyOptim`): the factory reads the batch
+    from the active DeepSpeedPlugin, whose "auto" batch Accelerate fills from the dataloader."""
+    from accelerate import Accelerator
+    from accelerate.utils import DeepSpeedPlugin, DummyOptim, InitProcessGroupKwargs
+
+    config = {
+        "train_micro_batch_size_per_gpu": "auto",
+        "gradient_accumulation_steps": 2,
+        "train_batch_size": "auto",
+        "zero_optimization": {"stage": 2},
+        "optimizer": {"type": "LionDist", "params": {"lr": 0.01}},
+    }
+    gloo = InitProcessGroupKwargs(backend="gloo")  # without a GPU Accelerate picks no backend: one process
+    accelerator = Accelerator(deepspeed_plugin=DeepSpeedPlugin(hf_ds_config=config), kwargs_handlers=[gloo])
+    model = make_model()
+    x, y = batches(1)[0]
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=8)
+    batch_guard._warned_this_process.clear()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        engine, *_ = accelerator.prepare(model, DummyOptim(model.parameters()), loader)
+    guard = engine.basic_optimizer._batch_guard
+    warned = [str(w.message) for w in caught if issubclass(w.category, SmallBatchWarning)]
+    return guard.global_batch_size, guard.source, warned
+
+
 def _deepspeed_on_two_ranks(rank: int, world_size: int, launch_configs: list[str]) -> dict:
     import deepspeed
 
@@ -304,7 +333,10 @@ def _deepspeed_on_two_ranks(rank: int, world_size: int, launch_configs: list[str
     out["types"]["registered"] = type(engine.basic_optimizer).__name__
     out["params"]["registered"] = _train(engine)
 
-    # what the HF Trainer passes: no zero_allow_untested_optimizer, no batch in params, strings for dtypes
+    # what the HF Trainer passes: no zero_allow_untested_optimizer, no batch in params, strings for dtypes; and
+    # what it publishes (an HfDeepSpeedConfig kept alive: the Trainer's TrainingArguments holds one)
+    from transformers.integrations import HfDeepSpeedConfig
+
     hf_like = {
         "train_micro_batch_size_per_gpu": 8,
         "gradient_accumulation_steps": 2,
@@ -312,9 +344,20 @@ def _deepspeed_on_two_ranks(rank: int, world_size: int, launch_configs: list[str
         "zero_optimization": {"stage": 3},
         "optimizer": {"type": "LionDist", "params": {"lr": 0.01, "momentum_dtype": "float32", "min_batch_size": 16}},
     }
+    published = HfDeepSpeedConfig(hf_like)
     engine, *_ = deepspeed.initialize(model=make_model(), config=hf_like)
     guard = engine.basic_optimizer._batch_guard
     out["registered_guard"] = (guard.global_batch_size, guard.source, guard.min_batch_size, guard.policy)
+    other = {**hf_like, "optimizer": {"type": "LionDist", "params": {"lr": 0.02}}}  # not the published config's
+    engine, *_ = deepspeed.initialize(model=make_model(), config=other)
+    out["other_guard"] = engine.basic_optimizer._batch_guard.global_batch_size
+    del published  # nothing published: the guard says at the first step that it does not know the batch
+    batch_guard._warned_this_process.clear()
+    engine, *_ = deepspeed.initialize(model=make_model(), config={**hf_like, "zero_optimization": {"stage": 1}})
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        _train(engine)
+    out["unpublished"] = [str(w.message) for w in caught if issubclass(w.category, SmallBatchWarning)]
 
     small = {"train_micro_batch_size_per_gpu": 8, "gradient_accumulation_steps": 2, "zero_optimization": {"stage": 1}}
     out["small"] = _guard_messages({**small, "optimizer": {"type": "LionDist"}})
@@ -322,6 +365,7 @@ def _deepspeed_on_two_ranks(rank: int, world_size: int, launch_configs: list[str
         {**small, "optimizer": {"type": "LionDist", "params": {"batch_size_policy": "error"}}}
     )
     out["enough"] = _guard_messages({**small, "train_micro_batch_size_per_gpu": 16, "optimizer": {"type": "LionDist"}})
+    out["accelerate"] = _accelerate_guard()  # last: it starts Accelerate's process-wide state
     return out
 
 
@@ -350,6 +394,16 @@ def test_every_zero_stage_trains_like_lion_and_the_guard_sees_train_batch_size()
             16,
             "warn",
         )
+        assert result["other_guard"] is None  # a published config for other params is not this engine's
+        batch, source, _ = result["accelerate"]
+        assert (batch, source) == (
+            32,
+            "DeepSpeed train_batch_size = micro batch 8 x gradient_accumulation_steps 2 x data-parallel size 2",
+        )
     rank0, rank1 = results
     assert len(rank0["small"][0]) == 1 and rank1["small"] == ([], None)
+    (unknown,) = rank0["unpublished"]
+    assert "does not know the effective batch size" in unknown and rank1["unpublished"] == []
+    (small,) = rank0["accelerate"][2]  # 32 < the default minimum 64, on rank 0 only
+    assert "effective batch is 32 (DeepSpeed train_batch_size" in small and rank1["accelerate"][2] == []
     assert "effective batch is 32 (DeepSpeed train_batch_size = micro batch 8" in rank0["small"][0][0]

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import copy
 
-import lion_pytorch
 import pytest
 import torch
 
@@ -230,6 +229,7 @@ def test_bf16_params_keep_fp32_scales_through_a_state_dict() -> None:
 
 
 def test_lion_pytorch_state_loads_quantized_and_dequantized_export_loads_back() -> None:
+    lion_pytorch = pytest.importorskip("lion_pytorch")
     params = _model_params()
     del params["complex"]
     theirs = lion_pytorch.Lion(params.values(), lr=1e-3)

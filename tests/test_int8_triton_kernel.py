@@ -27,6 +27,7 @@ import torch
 from lion_dist import spec
 from lion_dist.backends import Entry
 from lion_dist.spec import DeviceKey, LionHyperparams
+from tests.interpreter_fma import interpreter_params, runnable
 from tests.scripts import benchmark_script
 
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
@@ -142,17 +143,25 @@ def compiled_case(fn: Callable[[], None]) -> Callable[[], None]:
     return case(fn, mode="compiled")
 
 
+FMA_EXACT: set[str] = set()  # interpreter cases that compare with the reference's single-rounding fma bit for bit
+
+
+def exact_case(fn: Callable[[], None], name: str | None = None) -> Callable[[], None]:
+    FMA_EXACT.add(name or fn.__name__)
+    return case(fn, name)
+
+
 def _dtype_name(d: torch.dtype) -> str:
     return str(d).removeprefix("torch.")
 
 
 for _pair, _block in itertools.product(PAIRS, BLOCKS):
-    case(
+    exact_case(
         lambda p=_pair, b=_block: run_schedule(p, b),
         f"schedule-{_dtype_name(_pair[0])}-{_dtype_name(_pair[1])}-block{_block}",
     )
 for _block in (1, 3, 48, 100, 1000, 1024):  # any block up to 1024: padded to a power of two, masked
-    case(lambda b=_block: run_schedule((BF16, F32), b), f"schedule-bfloat16-float32-block{_block}")
+    exact_case(lambda b=_block: run_schedule((BF16, F32), b), f"schedule-bfloat16-float32-block{_block}")
 
 
 @case
@@ -162,7 +171,7 @@ def interpreter_mode_is_on() -> None:
     assert os.environ["TRITON_INTERPRET"] == "1" and triton_kernel.interpreted()
 
 
-@case
+@exact_case
 def long_rows_and_many_programs() -> None:
     """Rows of several blocks, a tensor spanning many programs (ROWS blocks each), the last one partly empty."""
     from lion_dist.backends import triton_kernel
@@ -197,7 +206,7 @@ def stochastic_requantization_and_rounding_draw_their_own_noise() -> None:
     assert torch.equal(results[None, 11][0].exp_avg, results[11, 11][0].exp_avg)  # the param's noise is elsewhere
 
 
-@case
+@exact_case
 def nonfinite_values_stay_visible() -> None:
     """NaN and Inf gradients, an Inf param, an all-zero block (scale 0, 0 / 0 codes 0), a NaN scale carried in:
     the reference's codes, NaN scales and params, over two steps with both roundings."""
@@ -223,7 +232,7 @@ def nonfinite_values_stay_visible() -> None:
         assert (entries[0].exp_avg[2] == 0).all() and entries[0].param[0, [1, 40]].isnan().all()
 
 
-@case
+@exact_case
 def float_and_int8_momenta_in_one_plan() -> None:
     """A route's entries may mix float and int8 momenta: the float ones keep their launch (and their bits), the
     int8 ones get their own launches, one per (dtypes, padded block, alignment)."""
@@ -275,7 +284,7 @@ def float_and_int8_momenta_in_one_plan() -> None:
     assert len(launches) == 2 * (len(prepared.buckets) + len(prepared.int8_buckets))  # one launch per bucket
 
 
-@case
+@exact_case
 def device_keys_tensor_lr_and_the_skip_flag() -> None:
     """Capturable steps: DeviceKey sr and quant keys (step counts on the device) and a tensor lr give the
     number-key step's bits; a set skip flag writes nothing."""
@@ -304,7 +313,7 @@ def device_keys_tensor_lr_and_the_skip_flag() -> None:
     step_both(backend, prepared, entries, expected, grads, WD, None, 5, skip=torch.zeros(1, dtype=torch.int32))
 
 
-@case
+@exact_case
 def alignment_and_buckets() -> None:
     """Rows and blocks of multiples of 16 with 16-byte aligned tensors get the aligned kernel; an odd row, a view
     at an odd offset or an unaligned gradient the unaligned one: all equal to the reference."""
@@ -359,7 +368,7 @@ def bad_entries_raise_clear_errors() -> None:
         backend.prepare([e, Entry(e.scales.view(4), torch.zeros(4), F32)])
 
 
-@case
+@exact_case
 def the_optimizer_with_int8_momentum_equals_the_reference_backend() -> None:
     """`Lion(momentum_dtype=torch.int8, backend="triton")` over 4 steps: a mixed route (a small param keeps fp32
     momentum), stochastic requantization and bf16 rounding, equal to backend="reference"."""
@@ -461,6 +470,7 @@ def case_results(
         names = sorted(
             {it.callspec.params["name"] for it in request.session.items if getattr(it, "originalname", "") == test}
         )
+        names = [name for name in names if mode != "interpreter" or runnable(name, FMA_EXACT)]
         if not names:
             continue
         env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
@@ -480,7 +490,7 @@ def case_results(
     return results
 
 
-@pytest.mark.parametrize("name", list(CASES["interpreter"]))
+@pytest.mark.parametrize("name", interpreter_params(CASES["interpreter"], FMA_EXACT))
 def test_int8_interpreter_case(case_results: dict[str, dict[str, str | None]], name: str) -> None:
     if error := case_results["interpreter"][name]:
         pytest.fail(error, pytrace=False)

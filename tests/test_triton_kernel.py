@@ -28,6 +28,7 @@ import torch
 from lion_dist import Lion
 from lion_dist.functional import lion
 from lion_dist.spec import LionHyperparams, lion_reference
+from tests.interpreter_fma import interpreter_params, runnable
 from tests.scripts import benchmark_script
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -105,6 +106,14 @@ def compiled_case(fn: Callable[[], None]) -> Callable[[], None]:
     return case(fn, mode="compiled")
 
 
+FMA_EXACT: set[str] = set()  # interpreter cases that compare with the reference's single-rounding fma bit for bit
+
+
+def exact_case(fn: Callable[[], None], name: str | None = None) -> Callable[[], None]:
+    FMA_EXACT.add(name or fn.__name__)
+    return case(fn, name)
+
+
 @case
 def interpreter_mode_is_on() -> None:
     import triton
@@ -134,12 +143,12 @@ def dtype_case(dtypes) -> None:
 
 
 for _dtypes in COMBOS:
-    case(lambda d=_dtypes: dtype_case(d), "dtypes-" + "-".join(str(t).removeprefix("torch.") for t in _dtypes))
+    exact_case(lambda d=_dtypes: dtype_case(d), "dtypes-" + "-".join(str(t).removeprefix("torch.") for t in _dtypes))
 for _name, _hp in HPS.items():
-    case(lambda hp=_hp: step_and_compare(*make((1, 300, 5000), (torch.float32,) * 3), hp), f"hyperparams-{_name}")
+    exact_case(lambda hp=_hp: step_and_compare(*make((1, 300, 5000), (torch.float32,) * 3), hp), f"hyperparams-{_name}")
 
 
-@case
+@exact_case
 def many_tensors_and_dtypes_in_one_launch() -> None:
     """Full blocks, tails of a multiple of 16 and odd tails, several blocks per tensor, empty tensors skipped;
     tensors of any mix of fp32, bf16 and fp16 share one launch (each tensor's dtypes are a code in the layout),
@@ -174,7 +183,7 @@ def non_contiguous_inputs_are_updated_in_place() -> None:
     assert params[0].data_ptr() == base[0][0].data_ptr() and exp_avgs[0].data_ptr() == base[2][0].data_ptr()
 
 
-@case
+@exact_case
 def skip_flag_writes_nothing() -> None:
     """Read on the device by the kernel: through `lion_triton` and through the `lion(backend="triton")` dispatch."""
     from lion_dist.backends import triton_kernel
@@ -198,7 +207,7 @@ def nonfinite_values_propagate_like_the_reference() -> None:
     assert params[0][[3, 9, 20]].isnan().all()
 
 
-@case
+@exact_case
 def fused_multiply_add_decides_the_sign_when_terms_cancel() -> None:
     """Where fl(m * b1) == -fl(g * (1 - b1)), only an fma's single rounding leaves c != 0, so p moves."""
     hp = HPS["plain"]
@@ -215,7 +224,7 @@ def fused_multiply_add_decides_the_sign_when_terms_cancel() -> None:
     assert params[0].numel() > 3000 and (params[0] != before).float().mean() > 0.99
 
 
-@case
+@exact_case
 def stochastic_rounding_is_unbiased_and_reproducible() -> None:
     """Each output is the fp32 result cut to bf16 or one ulp above, the mean is the fp32 result, a seed
     reproduces its draw; fp16 and fp32 params and bf16 momentum still round to nearest."""
@@ -282,7 +291,7 @@ def bad_inputs_raise_clear_errors() -> None:
         dist.destroy_process_group()
 
 
-@case
+@exact_case
 def optimizer_end_to_end_matches_reference() -> None:
     """`Lion(backend="triton")` equals `Lion(backend="reference")` over 10 steps: groups, dtypes, lr schedule."""
 
@@ -405,7 +414,7 @@ def route_names_of(opt: Lion) -> list[str]:
     return [] if not plans else sorted(r.backend.name for r in list(plans.values())[-1].routes)
 
 
-@case
+@exact_case
 def alignment_is_decided_per_tensor() -> None:
     """A view at an odd offset gets a launch of its own without 128-bit accesses; the aligned tensors keep theirs."""
     from lion_dist.backends import Entry, triton_kernel
@@ -604,6 +613,7 @@ def case_results(
         names = sorted(
             {it.callspec.params["name"] for it in request.session.items if getattr(it, "originalname", "") == test}
         )
+        names = [name for name in names if mode != "interpreter" or runnable(name, FMA_EXACT)]
         if not names:
             continue
         env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
@@ -623,7 +633,7 @@ def case_results(
     return results
 
 
-@pytest.mark.parametrize("name", list(CASES["interpreter"]))
+@pytest.mark.parametrize("name", interpreter_params(CASES["interpreter"], FMA_EXACT))
 def test_interpreter_case(case_results: dict[str, dict[str, str | None]], name: str) -> None:
     if error := case_results["interpreter"][name]:
         pytest.fail(error, pytrace=False)

@@ -21,7 +21,8 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from lion_dist import Lion
+from lion_dist import Lion, layouts
+from lion_dist.deepspeed import declare_partitions
 from tests.distributed import spawn
 from tests.sharding import (
     CAUTIOUS_CONFIGS,
@@ -158,7 +159,15 @@ def _world2(rank: int, world: int, checkpoint_dir: str) -> dict:
     from deepspeed.runtime.zero.utils import ZeRORuntimeException
 
     deepspeed.init_distributed(dist_backend="gloo")
-    out: dict = {"pairs": {}, "full": {}, "replay": {}, "unsharded_cautious": {}, "memory": {}, "e2e": {}}
+    out: dict = {
+        "pairs": {},
+        "full": {},
+        "replay": {},
+        "unsharded_cautious": {},
+        "memory": {},
+        "e2e": {},
+        "noise_bases": {},
+    }
     for stage in STAGES:
         for name, config in {**CONFIGS, **CAUTIOUS_CONFIGS}.items():
             if name in ("decoupled", "cautious_wd"):
@@ -176,6 +185,8 @@ def _world2(rank: int, world: int, checkpoint_dir: str) -> dict:
             if name == "plain":
                 partitions = _partitions(engine)
                 out["memory"][stage] = (opt.state_bytes(), sum(p.numel() for p in partitions), len(partitions))
+                declared = declare_partitions(engine)
+                out["noise_bases"][stage] = (declared, [layouts.of(p).noise_place() for p in partitions])
 
         # ZeRO-Offload: the optimizer steps the CPU partitions (on a CPU machine they were on CPU already).
         if stage > 1:
@@ -248,6 +259,17 @@ def test_zero3_steps_once_per_sub_group_and_keys_state_by_partition(world2) -> N
         state_bytes, numel, partitions = result["memory"][3]
         assert partitions >= 3  # several sub-groups, each stepped separately with the params list swapped
         assert state_bytes == numel * 4
+
+
+def test_declared_partitions_draw_noise_from_their_own_offsets(world2) -> None:
+    """`lion_dist.deepspeed.declare_partitions`: rank r's partition of a flat group starts at r x its size (ZeRO 3:
+    after the earlier sub-groups of every rank), so no two ranks draw the same noise for different elements."""
+    for stage in STAGES:
+        (declared, bases), (_, other) = (result["noise_bases"][stage] for result in world2)
+        assert declared == len(bases) >= 1
+        assert bases[0] == (0, 0) and other[0][0] > 0, (stage, bases, other)
+        starts = sorted(base for base, _ in bases + other)
+        assert len(set(starts)) == len(starts)  # every partition of every rank its own start
 
 
 def test_state_bytes_is_the_local_partition(world2) -> None:

@@ -7,7 +7,12 @@ interpreter exit of issue 14 (see `loop.close_process_groups`). A failed run rai
 
 import sys
 
-from lion_dist.train.cli import train_config
+from lion_dist.train import train_extra_message
+
+if (missing := train_extra_message("python -m lion_dist.train")) is not None:
+    sys.exit(missing)
+
+from lion_dist.train.cli import train_config  # after the check: loop imports tqdm
 from lion_dist.train.loop import run_worker
 
 run_worker(train_config(sys.argv[1:]))

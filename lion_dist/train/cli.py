@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from lion_dist.train import sweep
+from lion_dist.train import sweep, train_extra_message
 from lion_dist.train.config import (
     ADAMW_LR,
     ADAMW_WEIGHT_DECAY,
@@ -464,6 +464,8 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     parser = build_parser()
     args = parser.parse_args(argv)
+    if (missing := train_extra_message(f"lion-dist {args.command}")) is not None:
+        parser.exit(1, f"lion-dist {args.command}: error: {missing}\n")
     try:
         if args.command == "train":
             return _train(args)
