@@ -3,9 +3,13 @@
     launch/torchrun_single_node.sh examples/fsdp2.py --steps 100
     launch/torchrun_single_node.sh examples/fsdp2.py --steps 100 --cpu-offload   # params + Lion step on CPU
     NPROC_PER_NODE=4 launch/torchrun_single_node.sh examples/fsdp2.py --replicate 2  # HSDP: 2 x 2 mesh
+    NPROC_PER_NODE=4 launch/torchrun_single_node.sh examples/fsdp2.py --replicate 2 --distributed-lion
 
 NCCL on GPUs, gloo on CPU. The global batch (default 64) is split over the data-parallel ranks; Lion is told
 the per-rank micro batch and infers the data-parallel size from the params' mesh (HSDP: replicate x shard).
+`--distributed-lion` is two-level Distributed Lion on the same mesh: FSDP2 shards each replica on `mesh["shard"]`
+and the replicas vote 1 bit per element of each rank's shard over `mesh["replicate"]` (the link between nodes, when
+the replicas are nodes), starting each unit's votes as soon as backward has reduced its gradients.
 """
 
 from __future__ import annotations
@@ -18,7 +22,7 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import CPUOffloadPolicy, OffloadPolicy, fully_shard
 from toy import eval_loss, init_distributed, make_batch, make_model, micro_batch_size
 
-from lion_dist import Lion
+from lion_dist import Lion, distributed_lion
 
 
 def main() -> None:
@@ -29,6 +33,7 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=1e-2, help="toy-sized; Lion wants 3-10x less than AdamW")
     parser.add_argument("--cpu-offload", action="store_true", help="FSDP2 CPUOffloadPolicy: the step runs on CPU")
     parser.add_argument("--replicate", type=int, default=1, help="HSDP replicas (1: plain FSDP)")
+    parser.add_argument("--distributed-lion", action="store_true", help="replicas vote 1-bit signs instead of HSDP")
     args = parser.parse_args()
 
     rank, world, device = init_distributed()
@@ -39,13 +44,16 @@ def main() -> None:
 
     model = make_model().to(device)
     offload = CPUOffloadPolicy(pin_memory=device.type == "cuda") if args.cpu_offload else OffloadPolicy()
+    shard_mesh = mesh["shard"] if args.distributed_lion else mesh  # two-level: FSDP2 inside each replica only
     for layer in model:
         if isinstance(layer, nn.Linear):
-            fully_shard(layer, mesh=mesh, offload_policy=offload)
-    fully_shard(model, mesh=mesh, offload_policy=offload)
-    optimizer = Lion(
-        model.parameters(), lr=args.lr, weight_decay=0.1, micro_batch_size=micro, grad_accum_steps=args.grad_accum
-    )
+            fully_shard(layer, mesh=shard_mesh, offload_policy=offload)
+    fully_shard(model, mesh=shard_mesh, offload_policy=offload)
+    hyperparams = dict(lr=args.lr, weight_decay=0.1, micro_batch_size=micro, grad_accum_steps=args.grad_accum)
+    if args.distributed_lion:
+        optimizer = distributed_lion.setup(model, process_group=mesh.get_group("replicate"), **hyperparams)
+    else:
+        optimizer = Lion(model.parameters(), **hyperparams)
 
     first = eval_loss(model, device)
     for step in range(args.steps):

@@ -1,8 +1,9 @@
 """What a split step plugs into `Lion`: a direction exchange (Distributed Lion's 1-bit vote is the one we have).
 
-Without an exchange, `Lion.step` runs one fused step per group. With an active one it splits the step: every group's
-local directions (the sign of `b1 * m + (1 - b1) * g`, each momentum advanced), then one `exchange` of all of them,
-then the agreed directions applied (`p <- p * (1 - lr * wd) - lr * u`). Replicas then keep momenta of their own,
+Without an exchange, `Lion.step` runs one fused step per group. With an active one it splits the step: the exchange
+takes every group's local directions (the sign of `b1 * m + (1 - b1) * g`, each momentum advanced: `Bound.direction`,
+or earlier, while backward still runs), agrees with the other replicas, and the optimizer applies the agreed
+directions (`p <- p * (1 - lr * wd) - lr * u`: `Bound.apply`). Replicas then keep momenta of their own,
 which a checkpoint must keep apart: the exchange turns the optimizer's state dict into one that holds every
 replica's (`stacked_state_dict`) and back (`unstacked_state_dict`).
 """
@@ -37,10 +38,9 @@ class DirectionExchange(ABC):
 
     @abstractmethod
     def exchange(
-        self, bound: Sequence[Bound], args: Sequence[StepArgs], groups: Sequence[dict[str, Any]],
-        directions: Sequence[list[Tensor]],
+        self, bound: Sequence[Bound], args: Sequence[StepArgs], groups: Sequence[dict[str, Any]]
     ) -> list[list[Tensor] | None]:
-        """Every group's local directions in, the directions to apply out (None: leave that group's params)."""
+        """Every group's agreed directions, one per entry of its plan (None: leave that group's params)."""
 
     def stacked_state_dict(
         self, state_dict: dict[str, Any], param_groups: Sequence[dict[str, Any]]

@@ -376,8 +376,7 @@ class Lion(Optimizer):
             return
         if skip is not None and bool(skip):  # a device flag read on the host: the exchange syncs anyway
             return
-        directions = [b.direction(a) for b, a in zip(bound, args, strict=True)]
-        agreed = self._exchange.exchange(bound, args, self.param_groups, directions)
+        agreed = self._exchange.exchange(bound, args, self.param_groups)
         for b, a, u in zip(bound, args, agreed, strict=True):
             if u is not None:
                 b.apply(u, a)

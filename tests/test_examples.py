@@ -86,6 +86,25 @@ def test_torchrun_single_node(example: list[str], single_process: tuple[float, f
 
 
 @pytest.mark.slow
+def test_two_level_distributed_lion_example_learns(single_process: tuple[float, float]) -> None:
+    """`examples/fsdp2.py --replicate 2 --distributed-lion`: the replicas vote instead of all-reducing, so the run is
+    not the single-process one, but it starts from the same model, learns about as much and is quiet."""
+    output = run(
+        "launch/torchrun_single_node.sh",
+        "examples/fsdp2.py",
+        "--steps",
+        STEPS,
+        "--replicate",
+        "2",
+        "--distributed-lion",
+    )
+    assert "SmallBatchWarning" not in output and "on 2 ranks" in output
+    first, last = losses(output)
+    assert first == pytest.approx(single_process[0], abs=1e-5)
+    assert last < first - 0.5 * (single_process[0] - single_process[1]), (first, last, single_process)
+
+
+@pytest.mark.slow
 def test_torchrun_two_nodes_on_loopback(single_process: tuple[float, float]) -> None:
     """Two launchers, one per "node", one c10d rendezvous: HSDP (2 replicas x 1 shard) with CPU offload."""
     command = ["launch/torchrun_multi_node.sh", "examples/fsdp2.py", "--steps", STEPS, "--cpu-offload"]

@@ -53,8 +53,11 @@ from lion_dist.distributed_lion.wire import (
 )
 from lion_dist.optimizer import Lion
 
+OVERLAP_BUCKET = 1 << 18  # votes per collective while backward runs: 32 KiB of packed bits, small next to a layer
+
 __all__ = [
     "AGGREGATES",
+    "OVERLAP_BUCKET",
     "TRANSPORTS",
     "DistributedLion",
     "choose_transport",
@@ -116,9 +119,10 @@ def setup(
     """Turn off `model`'s gradient all-reduce and return a `DistributedLion` over its replicas: the one-line switch.
 
     DDP: `opt = setup(ddp_model, lr=1e-4, weight_decay=0.1)` (the replicas are DDP's process group). FSDP2 sharded
-    inside each replica: `opt = setup(model, process_group=mesh.get_group("replicate"), lr=...)`. `params`: the
-    params or param groups to optimize (default: all of `model`'s). Other keyword arguments go to
-    `DistributedLion` (and so to `lion_dist.Lion`).
+    inside each replica: `opt = setup(model, process_group=mesh.get_group("replicate"), lr=...)`, whose votes start
+    during backward (`overlap_bucket_elements=OVERLAP_BUCKET` unless given). `params`: the params or param groups
+    to optimize (default: all of `model`'s). Other keyword arguments go to `DistributedLion` (and so to
+    `lion_dist.Lion`).
     """
     group = enable(model)
     if process_group is None:
@@ -129,6 +133,8 @@ def setup(
             )
         process_group = group
     params = model.parameters() if params is None else params
+    if isinstance(model, FSDPModule) and lion_kwargs.get("nonfinite", "ignore") == "ignore":
+        lion_kwargs.setdefault("overlap_bucket_elements", OVERLAP_BUCKET)
     return DistributedLion(params, process_group=process_group, **lion_kwargs)
 
 
@@ -149,6 +155,10 @@ class DistributedLion(Lion):
         process_group: the replicas: ranks that hold the same elements of every param. None: the default group.
         transport: "auto" (fewer bytes, see `wire.choose_transport`), "gather" (all-gather of packed bits) or
             "reduce" (all-reduce of integer votes). All give the same params.
+        overlap_bucket_elements: start the votes while backward still runs, as FSDP2 finishes each param's
+            sharded gradient, this many votes per collective (`overlap.py`; FSDP2 params only, with
+            `nonfinite="ignore"`); None (the default): every vote in one collective at `step()`. The params
+            are the same either way.
     """
 
     def __init__(
@@ -161,10 +171,26 @@ class DistributedLion(Lion):
         aggregate: str = "vote",
         process_group: ProcessGroup | None = None,
         transport: str = "auto",
+        overlap_bucket_elements: int | None = None,
         **lion_kwargs: Any,
     ) -> None:
-        vote = VoteExchange(process_group, aggregate, transport)
+        if overlap_bucket_elements is not None and lion_kwargs.get("nonfinite", "ignore") != "ignore":
+            raise ValueError(
+                f"overlapped votes advance each momentum during backward, before step() could decide to skip it: "
+                f"nonfinite={lion_kwargs['nonfinite']!r} needs overlap_bucket_elements=None"
+            )
+        vote = VoteExchange(process_group, aggregate, transport, overlap_bucket_elements)
         super().__init__(params, lr, betas, weight_decay, exchange=vote, **lion_kwargs)
+        vote.attach(self)
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        self.vote.attach(self)  # a copy hooks its own params
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        super().add_param_group(param_group)
+        if self.vote.overlap is not None:
+            self.vote.overlap.register(self.param_groups[-1]["params"])
 
     @property
     def vote(self) -> VoteExchange:

@@ -10,7 +10,7 @@ moves nothing. Replicas keep momenta of their own, so the state dict stacks them
 from __future__ import annotations
 
 import copy
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -21,6 +21,7 @@ from torch.distributed.tensor import DTensor
 
 from lion_dist import formats, layouts
 from lion_dist.distributed_lion import replicas
+from lion_dist.distributed_lion.overlap import Overlap
 from lion_dist.distributed_lion.wire import choose_transport, count_set_bits, pack_bits, reduce_dtype
 from lion_dist.exchange import DirectionExchange
 
@@ -34,7 +35,15 @@ AGGREGATES = ("vote", "mean")
 class VoteExchange(DirectionExchange):
     """Sign votes over `process_group` (the replicas: ranks holding the same elements; None: the default group)."""
 
-    def __init__(self, process_group: ProcessGroup | None = None, aggregate: str = "vote", transport: str = "auto"):
+    def __init__(
+        self,
+        process_group: ProcessGroup | None = None,
+        aggregate: str = "vote",
+        transport: str = "auto",
+        overlap_bucket_elements: int | None = None,
+    ) -> None:
+        """`overlap_bucket_elements`: start the votes while backward runs, this many per collective (`overlap.py`:
+        FSDP2 params; `attach` registers the hooks); None: all votes in one collective at `step()`."""
         from lion_dist.distributed_lion.wire import TRANSPORTS
 
         if aggregate not in AGGREGATES:
@@ -47,6 +56,8 @@ class VoteExchange(DirectionExchange):
                 " (from a DeviceMesh: mesh.get_group('replicate'))"
             )
         self.process_group, self.aggregate, self.transport = process_group, aggregate, transport
+        self.overlap_bucket_elements = overlap_bucket_elements
+        self.overlap: Overlap | None = None
         self._meshes_checked = False
         self._stacking = replicas.Stacking(process_group)
 
@@ -54,7 +65,13 @@ class VoteExchange(DirectionExchange):
         """A copy that exchanges over the same process group (a connection to the other ranks: never copied)."""
         copied = copy.copy(self)
         copied._stacking = replicas.Stacking(self.process_group)
+        copied.overlap = None  # the copy's optimizer attaches its own hooks
         return copied
+
+    def attach(self, optimizer: Any) -> None:
+        """Register the overlap's hooks on `optimizer`'s params (when overlapping)."""
+        if self.overlap_bucket_elements is not None:
+            self.overlap = Overlap(optimizer, self.launch, self._encode_one, self.overlap_bucket_elements)
 
     def group_size(self) -> int:
         """How many replicas exchange signs (1 without torch.distributed)."""
@@ -85,30 +102,30 @@ class VoteExchange(DirectionExchange):
         return self.group_size() * (layouts.data_parallel_size(dtensors) if dtensors else 1)
 
     def exchange(
-        self,
-        bound: Sequence[Bound],
-        args: Sequence[StepArgs],
-        groups: Sequence[dict[str, Any]],
-        directions: Sequence[list[Tensor]],
+        self, bound: Sequence[Bound], args: Sequence[StepArgs], groups: Sequence[dict[str, Any]]
     ) -> list[list[Tensor] | None]:
         """Every group's local directions -> +-1 votes -> one exchange -> the same direction on every replica.
 
-        A group with lr = 0 (e.g. DCP creating state) has advanced its momentum as in Lion, but exchanges
-        nothing and keeps its params.
+        A group with lr = 0 (e.g. DCP creating state) has advanced its momentum as in Lion, but applies nothing.
         """
         if not self._meshes_checked:
             self._check_meshes([p for b in bound for p in b.plan.entry_params])
-        rank = dist.get_rank(self.process_group)
-        votes, exchanging = [], []
-        for group, a, u in zip(groups, args, directions, strict=True):
-            exchanging.append(bool(u) and (isinstance(a.hp.lr, Tensor) or a.hp.lr != 0))
-            if exchanging[-1]:
-                votes.append(_encode(u, zero_votes_up=(rank + group["step"]) % 2 == 1))
+        applies = [isinstance(a.hp.lr, Tensor) or a.hp.lr != 0 for a in args]
+        if self.overlap is not None:
+            pairs = [(p, g) for b, g in zip(bound, groups, strict=True) for p in b.plan.entry_params]
+            by_param = self.overlap.collect(pairs)
+            return [
+                [by_param[id(p)] for p in b.plan.entry_params] if take else None
+                for b, take in zip(bound, applies, strict=True)
+            ]
+        directions = [b.direction(a) for b, a in zip(bound, args, strict=True)]
+        sent = [take and bool(u) for take, u in zip(applies, directions, strict=True)]
+        votes = [self._encode_many(u, g) for u, g, s in zip(directions, groups, sent, strict=True) if s]
         if not votes:
             return [None] * len(directions)
-        totals = iter(self._sum_votes(torch.cat(votes)).split([v.numel() for v in votes]))
+        totals = iter(self.launch(torch.cat(votes))().split([v.numel() for v in votes]))
         agreed: list[list[Tensor] | None] = []
-        for take, u in zip(exchanging, directions, strict=True):
+        for take, u in zip(sent, directions, strict=True):
             if not take:
                 agreed.append(None)
                 continue
@@ -117,21 +134,43 @@ class VoteExchange(DirectionExchange):
             agreed.append([v.view_as(d).to(t) for v, d, t in zip(pieces, u, dtypes, strict=True)])
         return agreed
 
-    def _sum_votes(self, bits: Tensor) -> Tensor:
-        """S = sum over replicas of each element's +-1 vote (one collective), turned into the fp32 direction u."""
+    def _zero_votes_up(self, group: dict[str, Any]) -> bool:
+        """A direction of 0 (or NaN) votes +1 when rank_in_group + step is odd: ties alternate, never drift."""
+        return (dist.get_rank(self.process_group) + group["step"]) % 2 == 1
+
+    def _encode_many(self, directions: Sequence[Tensor], group: dict[str, Any]) -> Tensor:
+        return _encode(directions, zero_votes_up=self._zero_votes_up(group))
+
+    def _encode_one(self, direction: Tensor, group: dict[str, Any]) -> Tensor:
+        return _encode([direction], zero_votes_up=self._zero_votes_up(group))
+
+    def launch(self, bits: Tensor) -> Callable[[], Tensor]:
+        """Start summing each element's +-1 vote over the replicas (one asynchronous collective); the returned
+        function waits and gives the direction to apply, `sign(S)` or `S / N`, in fp32."""
         world = self.group_size()
         transport = choose_transport(bits.numel(), world) if self.transport == "auto" else self.transport
         if transport == "gather":
             packed = pack_bits(bits)
             gathered = packed.new_empty(world * packed.numel())
-            _all_gather(gathered, packed, self.process_group)
-            total = count_set_bits(gathered.view(world, -1), bits.numel()).mul_(2).sub_(world)
+            work = _all_gather(gathered, packed, self.process_group)
+
+            def total() -> Tensor:
+                work.wait()
+                return count_set_bits(gathered.view(world, -1), bits.numel()).mul_(2).sub_(world)
+
         else:
-            total = bits.to(reduce_dtype(world)).mul_(2).sub_(1)
-            dist.all_reduce(total, group=self.process_group)
-        if self.aggregate == "vote":
-            return total.sign().float()
-        return total.float().div_(world)
+            summed = bits.to(reduce_dtype(world)).mul_(2).sub_(1)
+            work = dist.all_reduce(summed, group=self.process_group, async_op=True)
+
+            def total() -> Tensor:
+                work.wait()
+                return summed
+
+        def agreed() -> Tensor:
+            s = total()
+            return s.sign().float() if self.aggregate == "vote" else s.float().div_(world)
+
+        return agreed
 
     def _check_meshes(self, params: Sequence[Tensor]) -> None:
         """Refuse to vote across ranks that hold different shards of a param (that would mix unrelated elements)."""
@@ -171,7 +210,8 @@ def _encode(directions: Sequence[Tensor], *, zero_votes_up: bool) -> Tensor:
     return torch.cat([~(d < 0) if zero_votes_up else d > 0 for d in flat])
 
 
-def _all_gather(output: Tensor, tensor: Tensor, group: ProcessGroup | None) -> None:
-    """All-gather into one flat tensor (`all_gather_single` from torch 2.13, `all_gather_into_tensor` before)."""
+def _all_gather(output: Tensor, tensor: Tensor, group: ProcessGroup | None) -> Any:
+    """Start an all-gather into one flat tensor (`all_gather_single` from torch 2.13, `all_gather_into_tensor`
+    before); returns its work handle."""
     gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
-    gather(output, tensor, group=group)
+    return gather(output, tensor, group=group, async_op=True)

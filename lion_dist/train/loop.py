@@ -45,7 +45,7 @@ from torch.optim import Optimizer
 from tqdm import tqdm
 
 from lion_dist import Lion, checkpoint, layouts
-from lion_dist.distributed_lion import DistributedLion, choose_transport, ring_bytes_sent, vote_bytes_sent
+from lion_dist.distributed_lion import OVERLAP_BUCKET, DistributedLion, choose_transport, ring_bytes_sent, vote_bytes_sent
 from lion_dist.train.comm import CollectiveCounter, LinkCounter, node_of_ranks
 from lion_dist.train.config import (
     GPTConfig,
@@ -161,6 +161,7 @@ class _Run:
             self.optimizer: Optimizer = DistributedLion(
                 groups,
                 process_group=self.mesh.get_group("replicate"),
+                overlap_bucket_elements=OVERLAP_BUCKET,  # votes start as FSDP2 finishes each unit's gradients
                 lr=self.lr,
                 betas=self.betas,
                 weight_decay=self.wd,

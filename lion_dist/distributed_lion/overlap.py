@@ -1,0 +1,110 @@
+"""Votes that start while backward still runs: each param's as soon as its sharded gradient is final.
+
+FSDP2 reduce-scatters a unit's gradients when its backward is done and then runs each sharded param's
+post-accumulate-grad hooks (torch 2.11, 2.13: `register_post_accumulate_grad_hook` on the sharded param). From such
+a hook this computes the param's local direction (its momentum advanced, as `Bound.direction` would) and queues
+its votes; once a bucket holds `bucket_elements` votes, one asynchronous collective sends them, so the link works
+while earlier layers still compute. `step()` sends what is left, waits, and applies the agreed directions.
+
+The result is the non-overlapped exchange's, bit for bit: the per-element math is the same (`spec.lion_direction`),
+each element's vote sum does not depend on how elements are bucketed, and every replica fills its buckets in the
+same order (the same model runs the same backward). FSDP2 runs the hooks only when it reduces, so with gradient
+accumulation (`set_requires_gradient_sync(False)` for all but the last micro-batch) they fire once per step.
+A param whose hook did not fire (a gradient set by hand) gets its direction at `step()`, as without overlap.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.distributed.tensor import DTensor
+
+from lion_dist import formats, groups, layouts, spec
+
+Launch = Callable[[Tensor], Callable[[], Tensor]]  # votes -> (wait -> agreed directions), see `VoteExchange.launch`
+
+
+def local_direction(param: Tensor, group: dict[str, Any], state: dict[str, Any]) -> Tensor:
+    """This rank's sign of `b1 * m + (1 - b1) * g` for `param`, its momentum advanced in place (created if new):
+    the first half of a split step for one param, as the plan's `Bound.direction` computes it."""
+    layout = layouts.of(param)
+    formats.conform(param, state, group, layout, create=True)
+    fmt = formats.of_group(group).for_param(param)
+    local_state = [_real(layout.local(state[key])) for key in fmt.keys]
+    grad = _real(layout.local_grad(param, "a param"))
+    if fmt.float_dtype(param) is None:
+        raise ValueError(f"overlapped votes need a float momentum (the param's dtype, fp32 or bf16), not {fmt.name}")
+    compute = spec.math_dtype(_real(layout.local(param)).dtype)
+    return spec.lion_direction(grad, fmt.decode(local_state), groups.hyperparams(group), compute)
+
+
+def _real(t: Tensor) -> Tensor:
+    return torch.view_as_real(t) if t.is_complex() else t
+
+
+class Overlap:
+    """The hooks and the votes in flight of one `DistributedLion` (see module doc)."""
+
+    def __init__(
+        self, optimizer: Any, launch: Launch, encode: Callable[[Tensor, dict], Tensor], bucket_elements: int
+    ) -> None:
+        if not isinstance(bucket_elements, int) or isinstance(bucket_elements, bool) or bucket_elements < 1:
+            raise ValueError(f"overlap_bucket_elements must be a positive int, got {bucket_elements!r}")
+        self.optimizer, self.launch, self.encode, self.bucket_elements = optimizer, launch, encode, bucket_elements
+        self.queued: list[tuple[Tensor, Tensor]] = []  # (param, its direction), not sent yet
+        self.queued_elements = 0
+        self.in_flight: list[tuple[list[tuple[Tensor, Tensor]], Callable[[], Tensor]]] = []
+        self.done: set[int] = set()  # ids of the params whose direction this step has
+        self._groups: dict[int, dict[str, Any]] = {}
+        self.handles: list[Any] = []
+        self.register([p for group in optimizer.param_groups for p in group["params"]])
+
+    def register(self, params: Sequence[Tensor]) -> None:
+        """Hook FSDP2's sharded params (others get their direction at `step()`)."""
+        self.handles += [p.register_post_accumulate_grad_hook(self._ready) for p in params if isinstance(p, DTensor)]
+
+    def _group_of(self, param: Tensor) -> dict[str, Any]:
+        if id(param) not in self._groups:  # first use, or a param group added since
+            self._groups = {id(p): g for g in self.optimizer.param_groups for p in g["params"]}
+        return self._groups[id(param)]
+
+    def _ready(self, param: Tensor) -> None:
+        """A param's sharded gradient is final: its direction now, its votes with the next bucket."""
+        if param.grad is None or id(param) in self.done:
+            return
+        self.add(param, self._group_of(param))
+
+    def add(self, param: Tensor, group: dict[str, Any]) -> None:
+        direction = local_direction(param, group, self.optimizer.state[param])
+        self.done.add(id(param))
+        self.queued.append((param, direction))
+        self.queued_elements += direction.numel()
+        if self.queued_elements >= self.bucket_elements:
+            self.flush()
+
+    def flush(self) -> None:
+        """Send the queued votes (one collective), if any."""
+        if not self.queued:
+            return
+        votes = torch.cat([self.encode(d, self._group_of(p)) for p, d in self.queued])
+        self.in_flight.append((self.queued, self.launch(votes)))
+        self.queued, self.queued_elements = [], 0
+
+    def collect(self, entries: Sequence[tuple[Tensor, dict[str, Any]]]) -> dict[int, Tensor]:
+        """Every param's agreed direction (by id): the hooks' in flight, plus those of `entries` (param, group)
+        whose hooks did not fire this step, sent now in the same order on every replica."""
+        for param, group in entries:
+            if id(param) not in self.done:
+                self.add(param, group)
+        self.flush()
+        agreed: dict[int, Tensor] = {}
+        for bucket, wait in self.in_flight:
+            pieces = wait().split([d.numel() for _, d in bucket])
+            for (param, direction), piece in zip(bucket, pieces, strict=True):
+                dtype = direction.dtype if direction.is_floating_point() else torch.float32
+                agreed[id(param)] = piece.view_as(direction).to(dtype)
+        self.in_flight, self.done = [], set()
+        return agreed

@@ -1,0 +1,71 @@
+"""Distributed Lion with votes that start during backward (`overlap_bucket_elements`) equals the one-collective
+exchange bit for bit, and really starts them before `step()`.
+
+The main job's GPT, sharded with FSDP2 inside each replica: 2 replicas x 1 shard (world 2) and 2 replicas x 2
+shards (world 4), trained a few steps on each replica's own batches, with and without overlap.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.distributed as dist
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import fully_shard
+
+from lion_dist.distributed_lion import DistributedLion
+from tests.conftest import assert_same
+from tests.distributed import spawn
+from tests.test_distributed_lion import lm_loss, markov_batch, tiny_gpt
+
+pytestmark = pytest.mark.slow
+STEPS = 3
+
+
+def _train(rank: int, world: int, shards: int, bucket: int | None) -> dict:
+    mesh = init_device_mesh("cpu", (world // shards, shards), mesh_dim_names=("replicate", "shard"))
+    torch.manual_seed(0)
+    model = tiny_gpt()
+    for block in model.blocks:
+        fully_shard(block, mesh=mesh["shard"])
+    fully_shard(model, mesh=mesh["shard"])
+    opt = DistributedLion(
+        model.parameters(),
+        lr=3e-3,
+        weight_decay=0.1,
+        process_group=mesh.get_group("replicate"),
+        overlap_bucket_elements=bucket,
+        batch_size_policy="ignore",
+    )
+    in_step, launched_in_backward = [False], [0]
+    opt.register_step_pre_hook(lambda *a: in_step.__setitem__(0, True))
+    opt.register_step_post_hook(lambda *a: in_step.__setitem__(0, False))
+    launch = opt.vote.launch
+
+    def counted(bits):
+        launched_in_backward[0] += not in_step[0]
+        return launch(bits)
+
+    opt.vote.launch = counted
+    if opt.vote.overlap is not None:
+        opt.vote.overlap.launch = counted
+    replica = mesh.get_local_rank("replicate")
+    for step in range(STEPS):
+        opt.zero_grad()
+        lm_loss(model, markov_batch(1000 * step + replica)).backward()
+        opt.step()
+    params = [p.to_local().detach().clone() for p in model.parameters()]
+    momenta = [opt.state[p]["exp_avg"].to_local().clone() for p in model.parameters()]
+    dist.barrier()
+    return {"params": params, "momenta": momenta, "launched_in_backward": launched_in_backward[0]}
+
+
+@pytest.mark.parametrize("world, shards", [(2, 1), (4, 2)], ids=["2x1", "2x2"])
+def test_overlapped_votes_equal_the_one_collective_exchange(world: int, shards: int) -> None:
+    plain = spawn(_train, world, shards, None)
+    overlapped = spawn(_train, world, shards, 2048)
+    for a, b in zip(plain, overlapped, strict=True):
+        assert_same(b["params"] + b["momenta"], a["params"] + a["momenta"])
+        assert a["launched_in_backward"] == 0 and b["launched_in_backward"] >= STEPS * 2, b["launched_in_backward"]
+    for r in range(world):  # replicas end with identical params, shard by shard
+        assert_same(overlapped[r]["params"], overlapped[(r + shards) % world]["params"])
