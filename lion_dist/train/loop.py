@@ -45,7 +45,13 @@ from torch.optim import Optimizer
 from tqdm import tqdm
 
 from lion_dist import Lion, checkpoint, layouts
-from lion_dist.distributed_lion import OVERLAP_BUCKET, DistributedLion, choose_transport, ring_bytes_sent, vote_bytes_sent
+from lion_dist.distributed_lion import (
+    OVERLAP_BUCKET,
+    DistributedLion,
+    choose_transport,
+    ring_bytes_sent,
+    vote_bytes_sent,
+)
 from lion_dist.train.comm import CollectiveCounter, LinkCounter, node_of_ranks
 from lion_dist.train.config import (
     GPTConfig,
