@@ -69,3 +69,48 @@ def test_overlapped_votes_equal_the_one_collective_exchange(world: int, shards: 
         assert a["launched_in_backward"] == 0 and b["launched_in_backward"] >= STEPS * 2, b["launched_in_backward"]
     for r in range(world):  # replicas end with identical params, shard by shard
         assert_same(overlapped[r]["params"], overlapped[(r + shards) % world]["params"])
+
+
+def _resume(rank: int, world: int, directory: str, resume: bool) -> list[torch.Tensor]:
+    """2 steps, a DCP checkpoint, 2 more; or a fresh run loading that checkpoint and running the last 2."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    mesh = init_device_mesh("cpu", (world, 1), mesh_dim_names=("replicate", "shard"))
+    torch.manual_seed(0)
+    model = tiny_gpt()
+    for block in model.blocks:
+        fully_shard(block, mesh=mesh["shard"])
+    fully_shard(model, mesh=mesh["shard"])
+    opt = DistributedLion(
+        model.parameters(),
+        lr=3e-3,
+        weight_decay=0.1,
+        process_group=mesh.get_group("replicate"),
+        overlap_bucket_elements=2048,
+        batch_size_policy="ignore",
+    )
+    start = 0
+    if resume:  # the load replaces the param group dicts and calls __setstate__: the hooks must follow
+        model_state, optim_state = get_state_dict(model, opt)
+        state = {"model": model_state, "optim": optim_state}
+        dcp.load(state, checkpoint_id=directory)
+        set_state_dict(model, opt, model_state_dict=state["model"], optim_state_dict=state["optim"])
+        start = 2
+    for step in range(start, 4):
+        opt.zero_grad()
+        lm_loss(model, markov_batch(1000 * step + rank)).backward()
+        opt.step()
+        if step == 1 and not resume:
+            model_state, optim_state = get_state_dict(model, opt)
+            dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=directory)
+    return [p.to_local().detach().clone() for p in model.parameters()] + [
+        opt.state[p]["exp_avg"].to_local().clone() for p in model.parameters()
+    ]
+
+
+def test_overlapped_votes_resume_bit_for_bit(tmp_path) -> None:
+    uninterrupted = spawn(_resume, 2, str(tmp_path / "ckpt"), False)
+    resumed = spawn(_resume, 2, str(tmp_path / "ckpt"), True)
+    for a, b in zip(uninterrupted, resumed, strict=True):
+        assert_same(b, a)

@@ -184,8 +184,9 @@ class DistributedLion(Lion):
         vote.attach(self)
 
     def __setstate__(self, state: dict[str, Any]) -> None:
-        super().__setstate__(state)
-        self.vote.attach(self)  # a copy hooks its own params
+        super().__setstate__(state)  # also the end of torch's load_state_dict: the hooks are in place then
+        if self.vote.overlap is None:
+            self.vote.attach(self)  # a copy (deepcopy, unpickling) hooks its own params
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         super().add_param_group(param_group)

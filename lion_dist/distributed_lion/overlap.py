@@ -58,7 +58,7 @@ class Overlap:
         self.queued_elements = 0
         self.in_flight: list[tuple[list[tuple[Tensor, Tensor]], Callable[[], Tensor]]] = []
         self.done: set[int] = set()  # ids of the params whose direction this step has
-        self._groups: dict[int, dict[str, Any]] = {}
+        self._group_index: dict[int, int] = {}  # by param id; the group dicts themselves are replaced on load
         self.handles: list[Any] = []
         self.register([p for group in optimizer.param_groups for p in group["params"]])
 
@@ -67,9 +67,11 @@ class Overlap:
         self.handles += [p.register_post_accumulate_grad_hook(self._ready) for p in params if isinstance(p, DTensor)]
 
     def _group_of(self, param: Tensor) -> dict[str, Any]:
-        if id(param) not in self._groups:  # first use, or a param group added since
-            self._groups = {id(p): g for g in self.optimizer.param_groups for p in g["params"]}
-        return self._groups[id(param)]
+        """The param's group as it is now (torch's `load_state_dict` puts new group dicts in place)."""
+        if id(param) not in self._group_index:  # first use, or a param group added since
+            groups = self.optimizer.param_groups
+            self._group_index = {id(p): gi for gi, g in enumerate(groups) for p in g["params"]}
+        return self.optimizer.param_groups[self._group_index[id(param)]]
 
     def _ready(self, param: Tensor) -> None:
         """A param's sharded gradient is final: its direction now, its votes with the next bucket."""
