@@ -155,7 +155,7 @@ class HyperTable:
             sr_key.base if isinstance(sr_key, DeviceKey) else sr_key, isinstance(sr_key, DeviceKey),
             quant_key.base if isinstance(quant_key, DeviceKey) else quant_key, isinstance(quant_key, DeviceKey),
         )  # fmt: skip
-        if host != self._host_values or capturing():  # under a capture, `upload` says why a change cannot be
+        if host != self._host_values:  # else the device holds them (under a capture, `upload` refuses a change)
             self._upload(host, lr, sr_key, quant_key)
         steps = [key.step for key in (sr_key, quant_key) if isinstance(key, DeviceKey)]
         steps = [_one_element(step, (torch.int64,), "a device step count", self.device) for step in steps]
