@@ -126,6 +126,8 @@ BF16_KEEP = tl.constexpr(-65536)  # the 16 high bits of an fp32, which a bf16 ke
 NOISE_MASK = tl.constexpr(0xFFFF)  # 16 bits of noise per element
 NOISE_PER_CALL = tl.constexpr(8)  # elements per Philox call (`spec.NOISE_PER_CALL`)
 NOISE_CALL_SHIFT = tl.constexpr(3)  # log2(NOISE_PER_CALL)
+VECTOR_BYTES = tl.constexpr(16)  # a 128-bit access: what STATE_ALIGNED and STREAM_ALIGNED promise of an address
+VECTOR_GRAIN = tl.constexpr(16)  # elements: masks that change only every 16 elements keep accesses vectorized
 
 
 # ---------------------------------------------------------------------------------------------- element functions
@@ -254,7 +256,7 @@ def _pointer(address, dtype: tl.constexpr, ALIGNED: tl.constexpr):
     """An int64 address as a typed pointer; ALIGNED tells the compiler it is 16-byte aligned (128-bit accesses)."""
     pointer = address.to(tl.pointer_type(dtype))
     if ALIGNED:
-        pointer = tl.multiple_of(pointer, 16)
+        pointer = tl.multiple_of(pointer, VECTOR_BYTES)
     return pointer
 
 
@@ -460,10 +462,11 @@ def lion_kernel(
                 STOCHASTIC, COMPENSATED,
             )
             # fmt: on
-        elif numel % 16 == 0:
+        elif numel % VECTOR_GRAIN == 0:
             # fmt: off
             _float_block(
-                addresses, code, offs, offs < (numel // 16) * 16, noise_at, hp, MODE, DTYPES, BLOCK, STATE_ALIGNED,
+                addresses, code, offs, offs < (numel // VECTOR_GRAIN) * VECTOR_GRAIN, noise_at, hp, MODE, DTYPES,
+                BLOCK, STATE_ALIGNED,
                 STREAM_ALIGNED, STOCHASTIC, COMPENSATED,
             )
             # fmt: on
@@ -534,8 +537,8 @@ def lion_int8_kernel(
         start = r * n + j * block  # of each block, in the tensor
         limit = tl.where(valid, tl.minimum(block, n - j * block), 0)  # its length (short at a row's end)
         if STATE_ALIGNED:  # rows and blocks of multiples of 16: vector accesses, masks by 16s
-            start = tl.multiple_of(start, 16)
-            limit = tl.multiple_of(limit, 16)
+            start = tl.multiple_of(start, VECTOR_GRAIN)
+            limit = tl.multiple_of(limit, VECTOR_GRAIN)
         k = tl.arange(0, BLOCK)
         offs = start[:, None] + k[None, :]
         mask = k[None, :] < limit[:, None]

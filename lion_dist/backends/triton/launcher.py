@@ -57,7 +57,8 @@ _CODE = {
 _CODE = {dtype: code.value for dtype, code in _CODE.items()}
 FP32, MIXED, FP64 = k.FP32.value, k.MIXED.value, k.FP64.value
 STEP, DIRECTION, APPLY = k.STEP.value, k.DIRECTION.value, k.APPLY.value
-_ALIGN = 16  # bytes: the width of a vector access
+_ALIGN = k.VECTOR_BYTES.value  # bytes: the width of a vector access
+_GRAIN = k.VECTOR_GRAIN.value  # elements: int8 rows and blocks of whole vectors
 _BLOCKS = {512: 2, 2048: 8}  # BLOCK: num_warps, 8 elements per thread (two 128-bit fp32 accesses, one bf16)
 INT8_MAX_BLOCK = 1024  # elements per scale that the int8 kernel takes (any block up to this, padded to a power of 2)
 _INT8_TILE = 2048  # elements per program: ROWS momentum blocks of BLOCK (padded) elements, on 8 warps
@@ -108,8 +109,7 @@ class Bucket:
     compensated: bool
     stochastic: bool  # holds a bf16 param (stochastic rounding applies to it)
     state_aligned: np.ndarray  # per entry
-    host_programs: np.ndarray  # the program map, on the host
-    ranges: np.ndarray  # entry i owns programs ranges[i] .. ranges[i + 1] - 1
+    counts: np.ndarray  # programs per entry
     pointers: Tensor | None = None
     layout: Tensor | None = None
     programs: Tensor | None = None
@@ -121,7 +121,12 @@ class Bucket:
 
     @property
     def n_programs(self) -> int:
-        return len(self.host_programs)
+        return int(self.counts.sum())
+
+    def program_map(self, members: np.ndarray | None = None) -> np.ndarray:
+        """The programs of `members` (positions in the bucket; None: all), on the host."""
+        members = np.arange(len(self.counts)) if members is None else members
+        return _program_map(self.counts[members], members)
 
     @property
     def constexprs(self) -> dict[str, int]:
@@ -261,12 +266,12 @@ def _aligned(*tensors: Tensor | None) -> bool:
     return not any(t.data_ptr() % _ALIGN for t in tensors if t is not None)
 
 
-def _program_map(counts: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
-    """(programs, ranges): `t << PROGRAM_SHIFT | j` for j < counts[t], and each entry's range in it."""
-    counts = np.asarray(counts, dtype=np.int64)
+def _program_map(counts: np.ndarray, owners: np.ndarray) -> np.ndarray:
+    """`owners[i] << PROGRAM_SHIFT | j` for j < counts[i]: the programs of those entries of a bucket, in order."""
     ranges = np.concatenate(([0], np.cumsum(counts)))
-    owner = np.repeat(np.arange(len(counts), dtype=np.int64), counts)
-    return (owner << k.PROGRAM_SHIFT.value) | (np.arange(ranges[-1], dtype=np.int64) - ranges[owner]), ranges
+    owner = np.repeat(np.arange(len(counts)), counts)
+    within = np.arange(ranges[-1], dtype=np.int64) - ranges[owner]
+    return (owners[owner].astype(np.int64) << k.PROGRAM_SHIFT.value) | within
 
 
 def _float_bucket(
@@ -294,7 +299,7 @@ def _float_bucket(
             shard & 0xFFFFFFFF,
             code,
         )
-    programs, ranges = _program_map([-(-n // block) for n in numels])
+    counts = np.array([-(-n // block) for n in numels], dtype=np.int64)
     state_aligned = [
         _aligned(entries[i].param, entries[i].compensation, None if param_only else entries[i].exp_avg) for i in index
     ]
@@ -306,8 +311,7 @@ def _float_bucket(
         compensated=compensated,
         stochastic=any(entries[i].param.dtype == torch.bfloat16 for i in index),
         state_aligned=np.array(state_aligned, dtype=bool),
-        host_programs=programs,
-        ranges=ranges,
+        counts=counts,
         host_tables=(pointers, layout),
     )
 
@@ -345,9 +349,9 @@ def _int8_bucket(entries: Sequence[Entry], index: list[int], dtypes: int, block:
             code,
             int(eights),
         )
-        whole = n % 16 == 0 and e.format.block % 16 == 0  # rows and blocks of whole vectors
+        whole = n % _GRAIN == 0 and e.format.block % _GRAIN == 0  # rows and blocks of whole vectors
         state_aligned.append(whole and _aligned(e.param, codes, e.compensation))
-    programs, ranges = _program_map(tiles)
+    counts = np.array(tiles, dtype=np.int64)
     return Bucket(
         kernel="int8",
         index=list(index),
@@ -356,8 +360,7 @@ def _int8_bucket(entries: Sequence[Entry], index: list[int], dtypes: int, block:
         compensated=compensated,
         stochastic=any(entries[i].param.dtype == torch.bfloat16 for i in index),
         state_aligned=np.array(state_aligned, dtype=bool),
-        host_programs=programs,
-        ranges=ranges,
+        counts=counts,
         host_tables=(pointers, layout),
     )
 
@@ -367,7 +370,7 @@ def _upload_buckets(buckets: Sequence[Bucket], device: torch.device) -> None:
     pieces, spans = [], []
     offset = 0
     for b in buckets:
-        for table in (*b.host_tables, b.host_programs):
+        for table in (*b.host_tables, b.program_map()):
             flat = table.reshape(-1)
             pieces += [flat, np.zeros(len(flat) % 2, dtype=np.int64)]
             spans.append((offset, len(flat)))
@@ -458,8 +461,7 @@ def _split(bucket: Bucket, stream_aligned: np.ndarray | None) -> list[Launch]:
         if len(members) == len(classes):
             programs = bucket.programs
         else:
-            spans = [bucket.host_programs[bucket.ranges[m] : bucket.ranges[m + 1]] for m in members]
-            programs = tables_.upload(np.concatenate(spans), bucket.programs.device)
+            programs = tables_.upload(bucket.program_map(members), bucket.programs.device)
         entries = tuple(bucket.index[m] for m in members)
         launches.append(Launch(state, stream, programs, len(programs), entries))
     if len(bucket.by_mask) >= _MASKS_KEPT:
