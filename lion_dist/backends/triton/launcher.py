@@ -47,14 +47,9 @@ from lion_dist.backends.triton import kernels
 from lion_dist.backends.triton import tables as tables_
 from lion_dist.spec import MOMENTUM_STREAM, int8_scale_shape
 
-k = kernels
-_CODE = {
-    torch.float32: k.CODE_FP32,
-    torch.bfloat16: k.CODE_BF16,
-    torch.float16: k.CODE_FP16,
-    torch.float64: k.CODE_FP64,
-}
-_CODE = {dtype: code.value for dtype, code in _CODE.items()}
+k = kernels  # the named constants (the kernels themselves are looked up as `kernels.lion_kernel` at each launch)
+_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+_CODE = {d: c.value for d, c in zip(_DTYPES, (k.CODE_FP32, k.CODE_BF16, k.CODE_FP16, k.CODE_FP64), strict=True)}
 FP32, MIXED, FP64 = k.FP32.value, k.MIXED.value, k.FP64.value
 STEP, DIRECTION, APPLY = k.STEP.value, k.DIRECTION.value, k.APPLY.value
 _ALIGN = k.VECTOR_BYTES.value  # bytes: the width of a vector access
@@ -137,6 +132,8 @@ class Bucket:
 
 @dataclass
 class Prepared:
+    """What `prepare` made of a route's entries: its buckets and hp table, and what the calls added."""
+
     device: torch.device
     entries: list[Entry]
     buckets: list[Bucket]  # step and direction
