@@ -23,7 +23,8 @@ host-to-device copies from the host buffers they named. No Python runs at a repl
   capture (an upload raises: take one step before capturing, and keep the gradients alive between steps);
 - the hp table's host values are uploaded only when they change, must not change during a capture (that raises)
   and keep, at every replay, what they were at the capture: a float lr that a scheduler changes later never
-  reaches the graph;
+  reaches the graph. (Recording their host-to-device copy instead would not help: each replay would copy whatever
+  the staging buffer holds by then, which the eager steps that alternate between the buffers overwrite.);
 - the device-side copies from the lr tensor and from the step count are recorded by the capture, so every replay
   re-executes them: it reads the lr that a scheduler wrote into the lr tensor in place between replays
   (`torch.optim.lr_scheduler` fills a tensor lr in place) and the step count that the previous replay advanced.
