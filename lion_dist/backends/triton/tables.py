@@ -5,10 +5,11 @@
   block until its copy has run), so a plan build, or a one-shot `functional.lion` call, never makes a pageable,
   blocking copy.
 - `DeviceTable`: a persistent int64 device tensor the host rewrites only when its values change: this step's
-  gradient (or direction) addresses, and the host part of the hyperparameters. Two pinned staging buffers
-  alternate, each with an event recorded after its copy, so the host never overwrites values that a still queued
-  copy has yet to read; nothing is copied when the values are the last upload's (persistent gradients, a constant
-  lr), and nothing is allocated per step.
+  gradient (or direction) addresses, and the host part of the hyperparameters. STAGING pinned staging buffers
+  take turns, each with an event recorded after its copy, so the host never overwrites values that a still queued
+  copy has yet to read, and waits (on an event, never on the stream) only when it runs STAGING uploads ahead of the
+  device (a float lr schedule uploads every step); nothing is copied when the values are the last upload's
+  (persistent gradients, a constant or device lr), and nothing is allocated per step.
 - `HyperTable`: the hyperparameters as one device tensor (`kernels.HP_SLOTS` int64; lr, betas, 1 - betas and the
   weight decay as float64 bit patterns, the Philox keys, their device step counts, flags), which every kernel reads.
   Values known on the host (a float lr, the betas, the weight decay, integer keys) travel through a `DeviceTable`;
@@ -45,6 +46,7 @@ from lion_dist.backends import StepArgs
 from lion_dist.backends.triton import kernels as k
 from lion_dist.spec import DeviceKey
 
+STAGING = 4  # pinned staging buffers per table: the host waits at most for the copy made STAGING uploads ago
 _F64 = struct.Struct("<d")
 _I64 = struct.Struct("<q")
 
@@ -100,7 +102,7 @@ class DeviceTable:
             ctypes.memmove(host.data_ptr(), values.buffer_info()[0], 8 * self.n)
             self.tensor.copy_(host, non_blocking=True)
             self._events[self._turn].record()
-            self._turn = 1 - self._turn
+            self._turn = (self._turn + 1) % STAGING
         self.last = array("q", values)
         return True
 
