@@ -485,31 +485,31 @@ class _NoLaunch:
 
 def _triton_launcher_host(report: Report, smoke: bool, repeats: int) -> None:
     try:
-        from lion_dist.backends.triton import kernels as triton_kernel
+        from lion_dist.backends.triton import kernels, launcher
     except Exception as e:
         report.not_run["Triton launcher host time"] = f"{type(e).__name__}: {e}".splitlines()[0]
         return
     gpt2 = [(50257, 768), (1024, 768), *gpt2_block_shapes(768) * 12, (768,), (768,)]
     cases = {"GPT-2 small": gpt2[:20] if smoke else gpt2, "W3": [(1024,)] * (50 if smoke else 2000)}
     hp = LionHyperparams(lr=LR, beta1=BETAS[0], beta2=BETAS[1], weight_decay=WD)
-    original = triton_kernel._lion_kernel, triton_kernel.check_device
-    triton_kernel._lion_kernel, triton_kernel.check_device = _NoLaunch(), lambda device: None
+    original = kernels.lion_kernel
+    kernels.lion_kernel = _NoLaunch()
     try:
         for case, shapes in cases.items():
             params = [torch.empty(s) for s in shapes]  # addresses are all the launcher reads
             fmt = FloatMomentum(None)
             entries = [Entry(p, (torch.empty_like(p),), fmt, p.dtype, NoisePlace(i)) for i, p in enumerate(params)]
-            prepared = triton_kernel.prepare(entries)
+            prepared = launcher.prepare(entries)
             grads: list[torch.Tensor] = []
 
             def refresh(params=params, grads=grads) -> None:
                 grads[:] = [torch.empty(p.shape) for p in params]
 
-            us = _host_us(lambda p=prepared, g=grads: triton_kernel.step(p, g, StepArgs(hp)), refresh, repeats)
+            us = _host_us(lambda p=prepared, g=grads: launcher.step(p, g, StepArgs(hp)), refresh, repeats)
             label = f"Triton launcher, launch stubbed ({len(shapes)} tensors)"
             report.host.append(HostRow(f"{case}: {len(shapes)} tensors", label, us, len(shapes)))
     finally:
-        triton_kernel._lion_kernel, triton_kernel.check_device = original
+        kernels.lion_kernel = original
 
 
 # ---------------------------------------------------------------------------------------------- output

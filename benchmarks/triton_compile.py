@@ -1,18 +1,18 @@
-"""Compile the Triton Lion kernel for GPU targets without a GPU, exactly as the launcher would on one.
+"""Compile the Triton Lion kernels for GPU targets without a GPU, exactly as the launcher would on one.
 
-    python benchmarks/triton_compile.py                 # sm_80 and sm_90, every specialization, a markdown table
+    python benchmarks/triton_compile.py                 # sm_80 and sm_90, every specialization, markdown tables
     python benchmarks/triton_compile.py --targets 90    # one target
     python benchmarks/triton_compile.py --kernel int8   # only the int8-momentum kernel (`int8_specializations()`)
 
-It drives the real launcher (`TritonBackend.prepare` and `.step`, on CPU tensors) over workloads that reach
-every specialization it can produce (`triton_kernel.specializations()`, and `int8_specializations()` for the
-int8-momentum kernel), with the launch recorded instead of run; binds each recorded call the way Triton's JIT
-binds a launch on a GPU of that target (its binder: the runtime signature, the alignment attributes and the
-constexprs a GPU would get); and compiles it to a cubin with the ptxas inside the triton wheel. For each kernel
-it reports registers, spills, shared memory, occupancy (CTAs and warps per SM from the register file: 64K
-registers, 64 warps, 32 CTAs per SM on sm_80 and sm_90) and the widest global load and store in its PTX (the
-int8 kernel also whether its divisions are all the correctly rounded div.rn.f32, without ftz). Needs no GPU
-and no driver; run with TRITON_INTERPRET unset.
+It drives the real launcher (`launcher.prepare`, `.step`, `.direction`, `.apply`, on CPU tensors) over workloads
+that reach every specialization it can produce (`launcher.specializations()` for `lion_kernel`,
+`int8_specializations()` for `lion_int8_kernel`), with the launches recorded instead of run; binds each recorded
+call the way Triton's JIT binds a launch on a GPU of that target (its binder: the runtime signature, the
+alignment attributes and the constexprs a GPU would get); and compiles it to a cubin with the ptxas inside the
+triton wheel. For each kernel it reports registers, spills, shared memory, occupancy (CTAs and warps per SM from
+the register file: 64K registers, 64 warps, 32 CTAs per SM on sm_80 and sm_90) and the widest global load and
+store in its PTX (the int8 kernel also whether its divisions are all the correctly rounded div.rn.f32, without
+ftz). Needs no GPU and no driver; run with TRITON_INTERPRET unset.
 """
 
 from __future__ import annotations
@@ -32,15 +32,18 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from lion_dist.backends import Entry
+from lion_dist.backends import Entry, NoisePlace, StepArgs
+from lion_dist.formats.floats import FloatMomentum
+from lion_dist.formats.int8 import Int8Momentum
 from lion_dist.spec import LionHyperparams, int8_scale_shape
 
 HP = LionHyperparams(lr=1e-3, beta1=0.9, beta2=0.99, weight_decay=0.1)
 _CUOBJDUMP = Path(__import__("triton").__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+_NAMES = {"lion": "lion_kernel", "int8": "lion_int8_kernel"}
 
 
 class _Record:
-    """Stands in for `_lion_kernel`: `kernel[grid](*args, **kwargs)` records the call and runs nothing."""
+    """Stands in for a kernel: `kernel[grid](*args, **kwargs)` records the call and runs nothing."""
 
     def __init__(self) -> None:
         self.calls: list[tuple[tuple, dict]] = []
@@ -49,95 +52,100 @@ class _Record:
         return lambda *args, **kwargs: self.calls.append((args, kwargs))
 
 
-def _workload(triple: tuple, big: bool, aligned: bool) -> tuple[list[Entry], list[torch.Tensor]]:
-    """One bucket's tensors: a (param, grad, momentum) dtype triple, large or small, 16-byte aligned or a view at +1."""
-    p_dtype, g_dtype, m_dtype = triple
-    n = 5000 if big else 100
+def _at(n: int, dtype: torch.dtype, aligned: bool, shape: tuple[int, ...] | None = None) -> torch.Tensor:
+    """A zero tensor of n elements, 16-byte aligned or a view at +1 element."""
     offset = 0 if aligned else 1
-    p = torch.zeros(n + offset, dtype=p_dtype)[offset:]
-    m = torch.zeros(n + offset, dtype=m_dtype)[offset:]
-    return [Entry(p, m, g_dtype, 0)], [torch.zeros(n, dtype=g_dtype)]
+    t = torch.zeros(n + offset, dtype=dtype)[offset:]
+    return t if shape is None else t.view(shape)
+
+
+def _run(kernel: str, workloads) -> list[tuple[tuple, dict]]:
+    """Drive the launcher over `workloads` ((entries, operands, mode, keys) each) with `kernel` recorded; one call
+    per distinct set of constexprs."""
+    from lion_dist.backends.triton import kernels, launcher
+
+    record = _Record()
+    saved = getattr(kernels, _NAMES[kernel])
+    setattr(kernels, _NAMES[kernel], record)
+    try:
+        for entries, operands, mode, keys in workloads:
+            prepared = launcher.prepare(entries)
+            getattr(launcher, mode)(prepared, operands, StepArgs(HP, **keys))
+    finally:
+        setattr(kernels, _NAMES[kernel], saved)
+    unique = {}
+    for args, kwargs in record.calls:
+        unique.setdefault(tuple(sorted((k, str(v)) for k, v in kwargs.items())), (args, kwargs))
+    return list(unique.values())
 
 
 TRIPLES = [(torch.float32,) * 3, (torch.bfloat16, torch.float32, torch.float32), (torch.float64,) * 3]
+_ALIGNMENTS = ((True, True), (True, False), (False, False))  # (params and momenta, gradients or directions)
+
+
+def _float_workloads():
+    for triple, big, (state, stream), mode, rounding in itertools.product(
+        TRIPLES, (False, True), _ALIGNMENTS, ("step", "direction", "apply"), ("nearest", "stochastic", "compensated")
+    ):
+        if rounding != "nearest" and triple[0] != torch.bfloat16:
+            continue
+        n = 5000 if big else 100
+        p_dtype, g_dtype, m_dtype = triple
+        p = _at(n, p_dtype, state)
+        c = _at(n, p_dtype, state) if rounding == "compensated" else None
+        e = Entry(p, (_at(n, m_dtype, state),), FloatMomentum(None), g_dtype, NoisePlace(), c)
+        operand = _at(n, torch.float32 if mode == "apply" else g_dtype, stream)
+        yield [e], [operand], mode, dict(sr_key=12345 if rounding == "stochastic" else None)
 
 
 def recorded_launches() -> list[tuple[tuple, dict]]:
-    """The launcher's calls for every specialization, one each (deduplicated by constexprs)."""
-    from lion_dist.backends import triton_kernel
-
-    record = _Record()
-    saved = triton_kernel._lion_kernel, triton_kernel.check_device
-    triton_kernel._lion_kernel, triton_kernel.check_device = record, lambda device: None
-    try:
-        for triple, big, aligned, stochastic in itertools.product(TRIPLES, *[(False, True)] * 3):
-            entries, grads = _workload(triple, big, aligned)
-            backend = triton_kernel.BACKEND
-            backend.step(backend.prepare(entries), grads, HP, sr_key=12345 if stochastic else None)
-    finally:
-        triton_kernel._lion_kernel, triton_kernel.check_device = saved
-    unique = {}
-    for args, kwargs in record.calls:
-        key = tuple(sorted((k, str(v)) for k, v in kwargs.items()))
-        unique.setdefault(key, (args, kwargs))
-    return list(unique.values())
+    """The launcher's `lion_kernel` calls for every `specializations()`, one each."""
+    return _run("lion", _float_workloads())
 
 
 INT8_PAIRS = [(torch.float32, torch.float32), (torch.bfloat16, torch.float32)]  # (param, grad): FP32, MIXED
 
 
-def _int8_workload(pair: tuple, block: int, aligned: bool) -> tuple[list[Entry], list[torch.Tensor]]:
-    """One int8 bucket's tensor: rows of 4 * block elements (a multiple of 16 when aligned), or a view at +1
-    whose rows are odd."""
-    p_dtype, g_dtype = pair
-    shape = (3, 4 * block) if aligned else (3, 4 * block + 1)
-    offset = 0 if aligned else 1
-    n = shape[0] * shape[1]
-    p = torch.zeros(n + offset, dtype=p_dtype)[offset:].view(shape)
-    codes = torch.zeros(n + offset, dtype=torch.int8)[offset:].view(shape)
-    scales = torch.zeros(int8_scale_shape(shape, block))
-    return [Entry(p, codes, g_dtype, 0, scales=scales, block=block)], [torch.zeros(shape, dtype=g_dtype)]
+def _int8_workloads():
+    from lion_dist.backends.triton import launcher
+
+    for pair, block, (state, stream), mode, stochastic, compensated in itertools.product(
+        INT8_PAIRS, launcher._INT8_BLOCKS, _ALIGNMENTS, ("step", "direction"), (False, True), (False, True)
+    ):
+        if compensated and pair[0] == torch.float32:
+            continue
+        # rows of 4 * block elements (a multiple of 16 when aligned), or a view at +1 whose rows are odd
+        shape = (3, 4 * block) if state else (3, 4 * block + 1)
+        n = shape[0] * shape[1]
+        p = _at(n, pair[0], state, shape)
+        c = _at(n, pair[0], state, shape) if compensated else None
+        codes, scales = _at(n, torch.int8, state, shape), torch.zeros(int8_scale_shape(shape, block))
+        e = Entry(p, (codes, scales), Int8Momentum(block), pair[1], NoisePlace(), c)
+        keys = dict(sr_key=12345, quant_key=678) if stochastic else {}
+        yield [e], [_at(n, pair[1], stream, shape)], mode, keys
 
 
 def int8_recorded_launches() -> list[tuple[tuple, dict]]:
-    """The launcher's calls of the int8-momentum kernel for every `int8_specializations()`, one each."""
-    from lion_dist.backends import triton_kernel
-
-    record = _Record()
-    saved = triton_kernel._lion_int8_kernel, triton_kernel.check_device
-    triton_kernel._lion_int8_kernel, triton_kernel.check_device = record, lambda device: None
-    try:
-        for pair, block, aligned, stochastic in itertools.product(
-            INT8_PAIRS, triton_kernel._INT8_BLOCKS, (False, True), (False, True)
-        ):
-            entries, grads = _int8_workload(pair, block, aligned)
-            backend = triton_kernel.BACKEND
-            keys = dict(sr_key=12345, quant_key=678) if stochastic else {}
-            backend.step(backend.prepare(entries), grads, HP, **keys)
-    finally:
-        triton_kernel._lion_int8_kernel, triton_kernel.check_device = saved
-    unique = {}
-    for args, kwargs in record.calls:
-        key = tuple(sorted((k, str(v)) for k, v in kwargs.items()))
-        unique.setdefault(key, (args, kwargs))
-    return list(unique.values())
+    """The launcher's `lion_int8_kernel` calls for every `int8_specializations()`, one each."""
+    return _run("int8", _int8_workloads())
 
 
-def compile_launch(args: tuple, kwargs: dict, capability: int, kernel_name: str = "_lion_kernel"):
-    """Bind a recorded launch for `capability` as Triton's JIT would on that GPU, and compile it."""
+def compile_launch(args: tuple, kwargs: dict, capability: int, kernel: str = "lion"):
+    """Bind a recorded launch of `kernel` ("lion" or "int8") for `capability` as Triton's JIT would on that GPU,
+    and compile it."""
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource, compile, make_backend
     from triton.runtime.jit import create_function_from_signature
 
-    from lion_dist.backends import triton_kernel
+    from lion_dist.backends.triton import kernels
 
-    kernel = getattr(triton_kernel, kernel_name)
+    function = getattr(kernels, _NAMES[kernel])
     target = GPUTarget("cuda", capability, 32)
     backend = make_backend(target)
-    binder = create_function_from_signature(kernel.signature, kernel.params, backend)
+    binder = create_function_from_signature(function.signature, function.params, backend)
     bound_args, specialization, options = binder(*args, **kwargs)
-    options, signature, constexprs, attrs = kernel._pack_args(backend, kwargs, bound_args, specialization, options)
-    return compile(ASTSource(kernel, signature, constexprs, attrs), target=target, options=options.__dict__)
+    options, signature, constexprs, attrs = function._pack_args(backend, kwargs, bound_args, specialization, options)
+    return compile(ASTSource(function, signature, constexprs, attrs), target=target, options=options.__dict__)
 
 
 @dataclass
@@ -152,8 +160,10 @@ class Compiled:
     widest_store: str
     explicit_fma: bool  # the PTX has the fma.rn of the spec's rounding (no contraction of its own: fp fusion is off)
     cubin_bytes: int
-    kernel: str = "lion"  # "lion" (`_lion_kernel`) or "int8" (`_lion_int8_kernel`)
-    exact_division: bool = True  # int8: the PTX divides with div.rn.f32 only (no approximate division, no ftz)
+    kernel: str = "lion"  # "lion" (`lion_kernel`) or "int8" (`lion_int8_kernel`)
+    exact_division: bool = (
+        True  # every division in the PTX is the correctly rounded div.rn.f32 (no approximation, no ftz)
+    )
 
     @property
     def ctas_per_sm(self) -> int:
@@ -179,17 +189,25 @@ def _widest(ptx: str, op: str) -> str:
     return max(found, key=widths.get) if found else "-"
 
 
-def compile_all(capabilities: tuple[int, ...] = (80, 90)) -> list[Compiled]:
+_CONSTEXPRS = {
+    "lion": ("MODE", "DTYPES", "BLOCK", "STATE_ALIGNED", "STREAM_ALIGNED", "STOCHASTIC", "COMPENSATED"),
+    "int8": ("MODE", "DTYPES", "BLOCK", "ROWS", "STATE_ALIGNED", "STREAM_ALIGNED", "STOCHASTIC", "COMPENSATED"),
+}
+
+
+def compile_launches(kernel: str, launches, capabilities: tuple[int, ...]) -> list[Compiled]:
+    """Each recorded launch of `kernel` compiled for each of `capabilities`, with its resources."""
     results = []
-    for args, kwargs in recorded_launches():
+    for args, kwargs in launches:
         for capability in capabilities:
-            compiled = compile_launch(args, kwargs, capability)
+            compiled = compile_launch(args, kwargs, capability, kernel)
             ptx = compiled.asm["ptx"]
             regs, spills = _resources(compiled.asm["cubin"])
+            divisions = re.findall(r"\bdiv\.[\w.]*f32\b", ptx)
             results.append(
                 Compiled(
                     capability=capability,
-                    constexprs={k: kwargs[k] for k in ("DTYPES", "BLOCK", "ALIGNED", "STOCHASTIC")},
+                    constexprs={k: kwargs[k] for k in _CONSTEXPRS[kernel]},
                     num_warps=kwargs["num_warps"],
                     registers=regs,
                     spill_bytes=spills,
@@ -198,89 +216,60 @@ def compile_all(capabilities: tuple[int, ...] = (80, 90)) -> list[Compiled]:
                     widest_store=_widest(ptx, "st"),
                     explicit_fma=bool(re.search(r"fma\.rn\.f(32|64)", ptx)),
                     cubin_bytes=len(compiled.asm["cubin"]),
+                    kernel=kernel,
+                    exact_division=all(d == "div.rn.f32" for d in divisions) and ".ftz" not in ptx,
                 )
             )
     return results
+
+
+def compile_all(capabilities: tuple[int, ...] = (80, 90)) -> list[Compiled]:
+    """Every `lion_kernel` specialization, compiled for each of `capabilities`."""
+    return compile_launches("lion", recorded_launches(), capabilities)
 
 
 def compile_all_int8(capabilities: tuple[int, ...] = (90,)) -> list[Compiled]:
     """Every int8-momentum specialization, compiled for each of `capabilities`."""
-    results = []
-    for args, kwargs in int8_recorded_launches():
-        for capability in capabilities:
-            compiled = compile_launch(args, kwargs, capability, "_lion_int8_kernel")
-            ptx = compiled.asm["ptx"]
-            regs, spills = _resources(compiled.asm["cubin"])
-            divisions = re.findall(r"\bdiv\.[\w.]*f32\b", ptx)
-            results.append(
-                Compiled(
-                    capability=capability,
-                    constexprs={k: kwargs[k] for k in ("DTYPES", "BLOCK", "ROWS", "ALIGNED", "STOCHASTIC")},
-                    num_warps=kwargs["num_warps"],
-                    registers=regs,
-                    spill_bytes=spills,
-                    shared_bytes=compiled.metadata.shared,
-                    widest_load=_widest(ptx, "ld"),
-                    widest_store=_widest(ptx, "st"),
-                    explicit_fma=bool(re.search(r"fma\.rn\.f32", ptx)),
-                    cubin_bytes=len(compiled.asm["cubin"]),
-                    kernel="int8",
-                    exact_division=bool(divisions) and all(d == "div.rn.f32" for d in divisions) and ".ftz" not in ptx,
-                )
-            )
-    return results
+    return compile_launches("int8", int8_recorded_launches(), capabilities)
 
 
-def markdown_int8(results: list[Compiled]) -> str:
+_MODES = {0: "step", 1: "direction", 2: "apply"}
+_DTYPES = {0: "fp32", 1: "fp32/bf16/fp16", 2: "fp64"}
+
+
+def markdown(results: list[Compiled]) -> str:
+    """One row per compiled kernel: its constexprs, resources, occupancy and widest accesses."""
     lines = [
-        "| sm | dtypes | BLOCK | ROWS | warps | aligned | stochastic | registers | spills | shared B | CTAs/SM "
-        "| warps/SM | widest load | widest store | div.rn only |",
-        "|---|---|---:|---:|---:|---|---|---:|---:|---:|---:|---:|---|---|---|",
+        "| kernel | sm | mode | dtypes | BLOCK | warps | aligned (state, stream) | stochastic | compensated "
+        "| registers | spills | shared B | CTAs/SM | warps/SM | widest load | widest store | div.rn only |",
+        "|---|---|---|---|---:|---:|---|---|---|---:|---:|---:|---:|---:|---|---|---|",
     ]
-    names = {0: "fp32", 1: "fp32/bf16/fp16"}
-    for r in sorted(
-        results,
-        key=lambda r: (
-            r.capability,
-            r.constexprs["DTYPES"],
-            r.constexprs["BLOCK"],
-            not r.constexprs["ALIGNED"],
-            r.constexprs["STOCHASTIC"],
-        ),
-    ):
+
+    def order(r: Compiled) -> tuple:
+        c = r.constexprs
+        aligned = (not c["STATE_ALIGNED"], not c["STREAM_ALIGNED"])
+        return (r.kernel, r.capability, c["MODE"], c["DTYPES"], c["BLOCK"], aligned, c["STOCHASTIC"], c["COMPENSATED"])
+
+    for r in sorted(results, key=order):
         c = r.constexprs
         lines.append(
-            f"| {r.capability} | {names[c['DTYPES']]} | {c['BLOCK']} | {c['ROWS']} | {r.num_warps} | "
-            f"{c['ALIGNED']} | {c['STOCHASTIC']} | {r.registers} | {r.spill_bytes} | {r.shared_bytes} | "
-            f"{r.ctas_per_sm} | {r.ctas_per_sm * r.num_warps} | {r.widest_load} | {r.widest_store} | "
-            f"{r.exact_division} |"
+            f"| {r.kernel} | {r.capability} | {_MODES[c['MODE']]} | {_DTYPES[c['DTYPES']]} | {c['BLOCK']} | "
+            f"{r.num_warps} | {c['STATE_ALIGNED']}, {c['STREAM_ALIGNED']} | {c['STOCHASTIC']} | {c['COMPENSATED']} | "
+            f"{r.registers} | {r.spill_bytes} | {r.shared_bytes} | {r.ctas_per_sm} | {r.ctas_per_sm * r.num_warps} | "
+            f"{r.widest_load} | {r.widest_store} | {r.exact_division} |"
         )
     return "\n".join(lines)
 
 
-def markdown(results: list[Compiled]) -> str:
-    lines = [
-        "| sm | dtypes | BLOCK | warps | aligned | stochastic | registers | spills | shared B | CTAs/SM | warps/SM "
-        "| widest load | widest store |",
-        "|---|---|---:|---:|---|---|---:|---:|---:|---:|---:|---|---|",
-    ]
-    names = {0: "fp32", 1: "fp32/bf16/fp16", 2: "fp64"}
-    for r in sorted(
-        results,
-        key=lambda r: (
-            r.capability,
-            r.constexprs["DTYPES"],
-            r.constexprs["BLOCK"],
-            not r.constexprs["ALIGNED"],
-            r.constexprs["STOCHASTIC"],
-        ),
-    ):
-        c = r.constexprs
-        lines.append(
-            f"| {r.capability} | {names[c['DTYPES']]} | {c['BLOCK']} | {r.num_warps} | "
-            f"{c['ALIGNED']} | {c['STOCHASTIC']} | {r.registers} | {r.spill_bytes} | {r.shared_bytes} | "
-            f"{r.ctas_per_sm} | {r.ctas_per_sm * r.num_warps} | {r.widest_load} | {r.widest_store} |"
-        )
+def summary(results: list[Compiled]) -> str:
+    """Registers and spills per kernel, target and mode: the range over the specializations."""
+    lines = ["| kernel | sm | mode | kernels | registers (min-max) | spills (max) |", "|---|---|---|---:|---|---:|"]
+    groups: dict[tuple, list[Compiled]] = {}
+    for r in results:
+        groups.setdefault((r.kernel, r.capability, r.constexprs["MODE"]), []).append(r)
+    for (kernel, cc, mode), rs in sorted(groups.items()):
+        regs, spills = [r.registers for r in rs], max(r.spill_bytes for r in rs)
+        lines.append(f"| {kernel} | {cc} | {_MODES[mode]} | {len(rs)} | {min(regs)}-{max(regs)} | {spills} |")
     return "\n".join(lines)
 
 
@@ -297,11 +286,9 @@ def main(argv: list[str] | None = None) -> list[Compiled]:
     results = []
     if args.kernel in ("all", "lion"):
         results += compile_all(targets)
-        print(markdown(results), flush=True)
     if args.kernel in ("all", "int8"):
-        int8 = compile_all_int8(targets)
-        print(("\n" if results else "") + markdown_int8(int8), flush=True)
-        results += int8
+        results += compile_all_int8(targets)
+    print(summary(results) + "\n\n" + markdown(results), flush=True)
     return results
 
 

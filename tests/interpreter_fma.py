@@ -3,15 +3,14 @@
 The kernels compute each `x*a + y*b` of the spec with `tl.fma`, one rounding, so every backend agrees bit for bit.
 Triton 3.6's interpreter (`create_fma` in `triton/runtime/interpreter.py`) computes `x * y + z` in numpy, which
 rounds twice, so there the interpreter cases that compare a kernel with the reference bit for bit fail by an ulp;
-3.9's computes a real fma (`_interpreter.fma_fp32`). Those cases skip under an older triton, asserting nothing less
-where they run (3.7 and 3.8 were not checked: they skip too).
+3.9's computes a real fma (`_interpreter.fma_fp32`). The interpreter cases (`triton_cases.Cases.params`) skip
+under an older triton, asserting nothing less where they run (3.7 and 3.8 were not checked: they skip too).
 """
 
 from __future__ import annotations
 
 import importlib.metadata
 import re
-from collections.abc import Iterable
 
 import pytest
 
@@ -33,13 +32,3 @@ needs_single_rounding_fma = pytest.mark.skipif(
     reason=f"triton {'.'.join(map(str, TRITON or ()))}'s interpreter rounds tl.fma twice (x * y, then + z), so it "
     f"cannot match the reference's single-rounding fma bit for bit; needs triton >= {'.'.join(map(str, FIXED_IN))}",
 )
-
-
-def interpreter_params(names: Iterable[str], exact: set[str]) -> list:
-    """The interpreter cases as pytest params, the bit-exact ones marked `needs_single_rounding_fma`."""
-    return [pytest.param(name, marks=needs_single_rounding_fma) if name in exact else name for name in names]
-
-
-def runnable(name: str, exact: set[str]) -> bool:
-    """Whether the subprocess should run this interpreter case here (skipped ones are not run at all)."""
-    return ROUNDS_FMA_ONCE or name not in exact

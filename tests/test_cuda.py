@@ -1,7 +1,9 @@
 """CUDA only (skipped without a GPU; CI has none): FSDP2 on NCCL with one GPU stepped by the compiled Triton
-kernel, FSDP2's CPUOffloadPolicy on a GPU mesh, and a capturable step captured in a CUDA graph and replayed.
-The same kernel code is tested on CPU through Triton's interpreter in test_triton_kernel.py, and what CPU allows
-of the offload and capture paths in test_gpu_paths.py."""
+kernel, FSDP2's CPUOffloadPolicy on a GPU mesh, a capturable step captured in a CUDA graph and replayed (with an lr
+schedule reaching the replays), Kahan compensation and the split step on the compiled kernel, and gradients
+misaligned as FSDP2's reduce-scatter views are. The same kernel code is tested on CPU through Triton's interpreter
+in test_triton_kernel.py, test_int8_triton_kernel.py and test_triton_paths.py, and what CPU allows of the offload
+and capture paths in test_gpu_paths.py."""
 
 from __future__ import annotations
 
@@ -150,3 +152,97 @@ def test_fsdp2_cpu_offload_on_a_gpu_mesh_keeps_momentum_on_the_cpu_shard() -> No
         ref.step()
     for got, expected in zip(result["params"], params, strict=True):
         assert torch.equal(got, expected.detach())
+
+
+def _train(backend: str, steps: int = 5, **kwargs) -> list[torch.Tensor]:
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    shapes = [(64, 80), (1000, 33), (300,), (7,)]
+    params = [torch.randn(s, device="cuda", generator=gen).bfloat16().requires_grad_() for s in shapes]
+    opt = Lion(params, lr=1e-4, weight_decay=0.1, backend=backend, global_batch_size=64, **kwargs)
+    for _ in range(steps):
+        for p in params:
+            p.grad = torch.randn(p.shape, device="cuda", generator=gen).bfloat16()
+        opt.step()
+    return [p.detach() for p in params] + [t for p in params for t in opt.state[p].values() if t.dim()]
+
+
+def _same(got: list[torch.Tensor], expected: list[torch.Tensor]) -> None:
+    from tests.conftest import assert_same
+
+    assert_same(got, expected)
+
+
+@pytest.mark.parametrize("momentum_dtype", [None, torch.float32, "int8"])
+def test_compensation_on_the_compiled_kernel_equals_the_reference(momentum_dtype) -> None:
+    got = _train("triton", compensation=True, momentum_dtype=momentum_dtype)
+    _same(got, _train("reference", compensation=True, momentum_dtype=momentum_dtype))
+
+
+def test_the_split_step_on_the_compiled_kernel_equals_foreach() -> None:
+    """Direction then apply through `Lion` with a one-replica exchange, the Triton route against foreach."""
+    from tests.test_triton_paths import LocalVote
+
+    got = _train("triton", exchange=LocalVote(), stochastic_rounding=True)
+    _same(got, _train("foreach", exchange=LocalVote(), stochastic_rounding=True))
+
+
+def test_gradients_at_odd_offsets_keep_the_state_vectorized_and_equal_the_reference() -> None:
+    """FSDP2-like gradients, views into one buffer after a shard of odd length: one launch with 128-bit accesses
+    for the aligned tensor, one with them for param and momentum only, equal to the reference."""
+    from lion_dist.backends import StepArgs
+    from lion_dist.backends.triton import BACKEND
+    from lion_dist.spec import LionHyperparams, lion_reference
+    from tests.conftest import entry
+
+    sizes = [5, 4096, 100_000, 33, 1 << 20]
+    gen = torch.Generator(device="cuda").manual_seed(1)
+    params = [torch.randn(n, device="cuda", generator=gen) for n in sizes]
+    momenta = [torch.randn(n, device="cuda", generator=gen) for n in sizes]
+    flat = torch.randn(sum(sizes), device="cuda", generator=gen)
+    grads = list(flat.split(sizes))
+    hp = LionHyperparams(lr=1e-3, beta1=0.9, beta2=0.99, weight_decay=0.1)
+    expected_p, expected_m = [p.clone() for p in params], [m.clone() for m in momenta]
+    for p, g, m in zip(expected_p, grads, expected_m, strict=True):
+        lion_reference(p, g, m, hp)
+    entries = [entry(p, m, torch.float32, i) for i, (p, m) in enumerate(zip(params, momenta, strict=True))]
+    prepared = BACKEND.prepare(entries)
+    BACKEND.step(prepared, grads, StepArgs(hp))
+    launched = [(r.constexprs["STATE_ALIGNED"], r.constexprs["STREAM_ALIGNED"], r.entries) for r in prepared.launched]
+    assert sorted(launched) == [(True, False, (1, 2, 3, 4)), (True, True, (0,))]
+    _same(params + momenta, expected_p + expected_m)
+
+
+def test_a_schedulers_lr_reaches_a_captured_step() -> None:
+    """A tensor lr on the device, changed in place by torch's LambdaLR between replays, is what each replay of a
+    captured step reads: the hp table's lr slot is filled by a device-side copy that the graph re-executes."""
+    gen = torch.Generator(device="cuda").manual_seed(2)
+    start = torch.randn(4096, device="cuda", generator=gen)
+    grads = [torch.randn(4096, device="cuda", generator=gen) for _ in range(5)]
+
+    def run(capture: bool) -> torch.Tensor:
+        p = start.clone().requires_grad_()
+        p.grad = torch.zeros_like(p)
+        opt = Lion([p], lr=torch.tensor(1e-2, device="cuda"), capturable=capture, global_batch_size=64)
+        schedule = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 1.0 / (1 + step))
+        p.grad.copy_(grads[0])
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            opt.step()  # warm-up: builds the plan, uploads the tables
+        torch.cuda.current_stream().wait_stream(side)
+        schedule.step()
+        graph = torch.cuda.CUDAGraph()
+        if capture:
+            with torch.cuda.graph(graph):
+                opt.step()
+        for g in grads[1:]:
+            p.grad.copy_(g)
+            if capture:
+                graph.replay()
+            else:
+                opt.step()
+            schedule.step()
+        torch.cuda.synchronize()
+        return p.detach()
+
+    assert torch.equal(run(True), run(False))

@@ -1,9 +1,8 @@
 """The fused Triton kernel with int8 momentum against `spec.lion_reference_int8`, bit for bit.
 
-As in `tests/test_triton_kernel.py` (read its docstring): Triton reads TRITON_INTERPRET when `triton` is imported
-and when each kernel is decorated, so the cases run in subprocesses, one per mode (`case_results`): the
-interpreter cases with TRITON_INTERPRET=1 (the kernel on CPU tensors), the checks of the compiled kernel that
-need no GPU (it compiles for sm_90 with the ptxas of the triton wheel) without it. This pytest process never sees
+As in `tests/test_triton_kernel.py`, the cases run in a subprocess per Triton mode (`tests/triton_cases.py`): the
+interpreter cases with TRITON_INTERPRET=1 (the kernel on CPU tensors), the checks of the compiled kernel that need
+no GPU (it compiles for sm_90 with the ptxas of the triton wheel) without it. This pytest process never sees
 interpreter mode. Each `test_int8_interpreter_case[name]` / `test_int8_compiled_case[name]` reports one case.
 Tensors stay small: the interpreter runs every program in numpy.
 """
@@ -13,26 +12,21 @@ from __future__ import annotations
 import importlib.util
 import inspect
 import itertools
-import json
 import os
-import subprocess
-import sys
-import traceback
-from collections.abc import Callable
-from pathlib import Path
 
 import pytest
 import torch
 
-from lion_dist import spec
-from lion_dist.backends import Entry
+from lion_dist import backends, spec
+from lion_dist.backends import Need, StepArgs
+from lion_dist.formats.int8 import Int8Momentum
 from lion_dist.spec import DeviceKey, LionHyperparams
-from tests.interpreter_fma import interpreter_params, runnable
+from tests.conftest import entry
 from tests.scripts import benchmark_script
+from tests.triton_cases import Cases, report
 
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
 
-ROOT = Path(__file__).resolve().parent.parent
 F32, BF16, F16 = torch.float32, torch.bfloat16, torch.float16
 PAIRS = [(F32, F32), (BF16, BF16), (BF16, F32), (F16, F32), (F32, BF16), (F16, BF16)]  # (param, grad)
 BLOCKS = (32, 64, 128, 256)
@@ -63,8 +57,12 @@ def make(places, pair, block, seed=0, zero_momentum=()):
         m = torch.zeros(shape) if k in zero_momentum else torch.randn(shape, generator=gen) * 0.05
         codes, scales = spec.quantize_momentum(m, block)
         for into in (entries, expected):
-            into.append(Entry(p.clone(), codes.clone(), g_dtype, pid, base, shard, scales=scales.clone(), block=block))
+            into.append(entry(p.clone(), codes.clone(), g_dtype, pid, base, shard, scales=scales.clone(), block=block))
     return entries, expected
+
+
+def scales_of(e):
+    return e.state[1] if len(e.state) > 1 else None
 
 
 def grads_for(entries, seed):
@@ -78,9 +76,9 @@ def reference_step(expected, grads, hp, sr_key=None, quant_key=None) -> None:
             e.param,
             g,
             e.exp_avg,
-            e.scales,
+            scales_of(e),
             hp,
-            e.block,
+            e.format.block,
             noise=e.noise(sr_key),
             momentum_noise=e.momentum_noise(quant_key),
         )
@@ -99,12 +97,12 @@ def assert_same(got, expected) -> None:
 
 
 def assert_entries_same(got, expected) -> None:
-    for what in ("param", "exp_avg", "scales"):
-        assert_same([getattr(e, what) for e in got], [getattr(e, what) for e in expected])
+    for what in (lambda e: e.param, lambda e: e.exp_avg, scales_of):
+        assert_same([what(e) for e in got], [what(e) for e in expected])
 
 
 def step_both(backend, prepared, entries, expected, grads, hp, sr_key=None, quant_key=None, **kwargs) -> None:
-    backend.step(prepared, grads, hp, sr_key=sr_key, quant_key=quant_key, **kwargs)
+    backend.step(prepared, grads, StepArgs(hp, sr_key=sr_key, quant_key=quant_key, **kwargs))
     reference_step(expected, grads, hp, spec.key_value(sr_key), spec.key_value(quant_key))
     assert_entries_same(entries, expected)
 
@@ -116,13 +114,13 @@ SCHEDULE = [(WD, False, False), (WD, True, True), (MAXIMIZE, True, False), (PLAI
 
 def run_schedule(pair, block, places=PLACES, zero_momentum=(1,)) -> None:
     """Several steps of one int8 bucket against the reference, keys per step `spec.sr_key(seed, 0, step)`."""
-    from lion_dist.backends import triton_kernel
+    from lion_dist.backends.triton import BACKEND as backend
+    from lion_dist.backends.triton import launcher
 
-    backend = triton_kernel.BACKEND
     entries, expected = make(places, pair, block, seed=block, zero_momentum=zero_momentum)
     prepared = backend.prepare(entries)
-    assert not prepared.buckets  # int8 buckets only: one per alignment, all with this block's padded BLOCK
-    assert {b.block for b in prepared.int8_buckets} == {triton_kernel.int8_padded_block(block)}
+    assert [b.kernel for b in prepared.buckets] == ["int8"]  # one int8 bucket, with this block's padded BLOCK
+    assert {b.block for b in prepared.buckets} == {launcher.int8_padded_block(block)}
     for step, (hp, sr, quant) in enumerate(SCHEDULE):
         key = spec.sr_key(SEED, 0, step)
         grads = grads_for(entries, seed=100 * block + step)
@@ -131,24 +129,8 @@ def run_schedule(pair, block, places=PLACES, zero_momentum=(1,)) -> None:
 
 # ---------------------------------------------------------------------------- cases run in a subprocess per mode
 
-CASES: dict[str, dict[str, Callable[[], None]]] = {"interpreter": {}, "compiled": {}}
-
-
-def case(fn: Callable[[], None], name: str | None = None, mode: str = "interpreter") -> Callable[[], None]:
-    CASES[mode][name or fn.__name__] = fn
-    return fn
-
-
-def compiled_case(fn: Callable[[], None]) -> Callable[[], None]:
-    return case(fn, mode="compiled")
-
-
-FMA_EXACT: set[str] = set()  # interpreter cases that compare with the reference's single-rounding fma bit for bit
-
-
-def exact_case(fn: Callable[[], None], name: str | None = None) -> Callable[[], None]:
-    FMA_EXACT.add(name or fn.__name__)
-    return case(fn, name)
+CASES = Cases(__name__, prefix="int8_")
+case, compiled_case = CASES.case, CASES.compiled
 
 
 def _dtype_name(d: torch.dtype) -> str:
@@ -156,40 +138,39 @@ def _dtype_name(d: torch.dtype) -> str:
 
 
 for _pair, _block in itertools.product(PAIRS, BLOCKS):
-    exact_case(
+    case(
         lambda p=_pair, b=_block: run_schedule(p, b),
-        f"schedule-{_dtype_name(_pair[0])}-{_dtype_name(_pair[1])}-block{_block}",
+        name=f"schedule-{_dtype_name(_pair[0])}-{_dtype_name(_pair[1])}-block{_block}",
     )
 for _block in (1, 3, 48, 100, 1000, 1024):  # any block up to 1024: padded to a power of two, masked
-    exact_case(lambda b=_block: run_schedule((BF16, F32), b), f"schedule-bfloat16-float32-block{_block}")
+    case(lambda b=_block: run_schedule((BF16, F32), b), name=f"schedule-bfloat16-float32-block{_block}")
 
 
 @case
 def interpreter_mode_is_on() -> None:
-    from lion_dist.backends import triton_kernel
+    from lion_dist.backends.triton import kernels
 
-    assert os.environ["TRITON_INTERPRET"] == "1" and triton_kernel.interpreted()
+    assert os.environ["TRITON_INTERPRET"] == "1" and kernels.interpreted()
 
 
-@exact_case
+@case
 def long_rows_and_many_programs() -> None:
     """Rows of several blocks, a tensor spanning many programs (ROWS blocks each), the last one partly empty."""
-    from lion_dist.backends import triton_kernel
+    from lion_dist.backends.triton import BACKEND
 
     places = [((40, 96), 0, 0, 0), ((3000,), 1, 16, 0), ((7, 5), 2, 1, 0)]  # 3840 elements in blocks of 32: 2 x 64
     run_schedule((F32, F32), 32, places, zero_momentum=())
     run_schedule((BF16, F16), 32, places, zero_momentum=())
-    prepared = triton_kernel.BACKEND.prepare(make(places, (F32, F32), 32)[0])
-    assert sum(b.n_programs for b in prepared.int8_buckets) == 2 + 2 + 1  # one bucket, or one per alignment
+    prepared = BACKEND.prepare(make(places, (F32, F32), 32)[0])
+    assert sum(b.n_programs for b in prepared.buckets) == 2 + 2 + 1  # one bucket
 
 
 @case
 def stochastic_requantization_and_rounding_draw_their_own_noise() -> None:
     """Stochastic requantization differs from nearest and from a different key; bf16 params' stochastic rounding
     differs from nearest; the momentum's stream (shard | MOMENTUM_STREAM) is not the param's, bit for bit."""
-    from lion_dist.backends import triton_kernel
+    from lion_dist.backends.triton import BACKEND as backend
 
-    backend = triton_kernel.BACKEND
     results = {}
     for sr, quant in ((None, None), (11, None), (None, 11), (None, 12), (11, 11)):
         entries, expected = make(PLACES[:3], (BF16, F32), 64, seed=1)
@@ -206,19 +187,18 @@ def stochastic_requantization_and_rounding_draw_their_own_noise() -> None:
     assert torch.equal(results[None, 11][0].exp_avg, results[11, 11][0].exp_avg)  # the param's noise is elsewhere
 
 
-@exact_case
+@case
 def nonfinite_values_stay_visible() -> None:
     """NaN and Inf gradients, an Inf param, an all-zero block (scale 0, 0 / 0 codes 0), a NaN scale carried in:
     the reference's codes, NaN scales and params, over two steps with both roundings."""
-    from lion_dist.backends import triton_kernel
+    from lion_dist.backends.triton import BACKEND as backend
 
-    backend = triton_kernel.BACKEND
     for pair in ((F32, F32), (BF16, F16)):
         places = [((4, 70), 0, 0, 0), ((200,), 1, 5, 0)]
         entries, expected = make(places, pair, 32, seed=3)
         for e in (entries[0], expected[0]):
             e.exp_avg[2].zero_()  # row 2: zero momentum, and zero gradient below: an all-zero block
-            e.scales[3, 1] = float("nan")  # a NaN momentum block from an earlier step
+            scales_of(e)[3, 1] = float("nan")  # a NaN momentum block from an earlier step
             e.param[1, 3] = float("inf")
         prepared = backend.prepare(entries)
         for step in range(2):
@@ -227,32 +207,33 @@ def nonfinite_values_stay_visible() -> None:
             grads[0][0, [1, 40]] = torch.tensor([float("nan"), float("inf")], dtype=grads[0].dtype)
             grads[1][[0, 150]] = torch.tensor([-float("inf"), float("nan")], dtype=grads[1].dtype)
             step_both(backend, prepared, entries, expected, grads, WD, None if step else 9, 7 if step else None)
-        scales = entries[0].scales
+        scales = scales_of(entries[0])
         assert scales[0, 0].isnan() and scales[0, 1].isnan() and scales[3, 1].isnan() and (scales[2] == 0).all()
         assert (entries[0].exp_avg[2] == 0).all() and entries[0].param[0, [1, 40]].isnan().all()
 
 
-@exact_case
+@case
 def float_and_int8_momenta_in_one_plan() -> None:
     """A route's entries may mix float and int8 momenta: the float ones keep their launch (and their bits), the
-    int8 ones get their own launches, one per (dtypes, padded block, alignment)."""
-    from lion_dist.backends import triton_kernel
+    int8 ones get their own launches, one per (dtypes, padded block) and alignment class."""
+    from lion_dist.backends.triton import BACKEND as backend
+    from lion_dist.backends.triton import kernels
 
-    backend = triton_kernel.BACKEND
     gen = torch.Generator().manual_seed(5)
     int8_a, ref_a = make(PLACES[:2], (F32, F32), 128, seed=6)
     int8_b, ref_b = make(PLACES[2:4], (BF16, F32), 32, seed=7)
     floats, ref_floats = [], []
     for pid, (n, triple) in enumerate([(300, (F32, F32, F32)), (1030, (BF16, F32, BF16)), (17, (F16, F16, F32))]):
         p, m = torch.randn(n, generator=gen).to(triple[0]), torch.randn(n, generator=gen).to(triple[2])
-        floats.append(Entry(p.clone(), m.clone(), triple[1], 10 + pid))
-        ref_floats.append(Entry(p.clone(), m.clone(), triple[1], 10 + pid))
+        floats.append(entry(p.clone(), m.clone(), triple[1], 10 + pid))
+        ref_floats.append(entry(p.clone(), m.clone(), triple[1], 10 + pid))
     entries = [floats[0], int8_a[0], floats[1], int8_b[0], int8_a[1], floats[2], int8_b[1]]
     expected = [ref_floats[0], ref_a[0], ref_floats[1], ref_b[0], ref_a[1], ref_floats[2], ref_b[1]]
     prepared = backend.prepare(entries)
-    int8_index = sorted(i for b in prepared.int8_buckets for i in b.index)
-    assert int8_index == [1, 3, 4, 6] and sum(len(b.index) for b in prepared.buckets) == 3  # each entry once
-    assert {tuple(sorted({entries[i].block for i in b.index})) for b in prepared.int8_buckets} == {(128,), (32,)}
+    int8_buckets = [b for b in prepared.buckets if b.kernel == "int8"]
+    int8_index = sorted(i for b in int8_buckets for i in b.index)
+    assert int8_index == [1, 3, 4, 6] and sum(len(b.index) for b in prepared.buckets) == 7  # each entry once
+    assert {tuple(sorted({entries[i].format.block for i in b.index})) for b in int8_buckets} == {(128,), (32,)}
     launches = []
 
     class Count:
@@ -264,33 +245,34 @@ def float_and_int8_momenta_in_one_plan() -> None:
             return self.kernel[grid]
 
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(triton_kernel, "_lion_kernel", Count(triton_kernel._lion_kernel))
-        patch.setattr(triton_kernel, "_lion_int8_kernel", Count(triton_kernel._lion_int8_kernel))
+        patch.setattr(kernels, "lion_kernel", Count(kernels.lion_kernel))
+        patch.setattr(kernels, "lion_int8_kernel", Count(kernels.lion_int8_kernel))
         for step in range(2):
             key = spec.sr_key(SEED, 0, step)
             grads = grads_for(entries, seed=8 + step)
-            backend.step(prepared, grads, WD, sr_key=key, quant_key=key)
+            backend.step(prepared, grads, StepArgs(WD, sr_key=key, quant_key=key))
+            assert sorted(i for r in prepared.launched for i in r.entries) == list(range(7))  # each entry once
             for e, g in zip(expected, grads, strict=True):
-                if e.scales is None:
+                if scales_of(e) is None:
                     spec.lion_reference(e.param, g, e.exp_avg, WD, noise=e.noise(key))
                 else:
                     reference_step([e], [g], WD, key, key)
             for what in ("param", "exp_avg"):
                 assert_same([getattr(e, what) for e in entries], [getattr(e, what) for e in expected])
             assert_same(
-                [e.scales for e in entries if e.scales is not None],
-                [e.scales for e in expected if e.scales is not None],
+                [scales_of(e) for e in entries if scales_of(e) is not None],
+                [scales_of(e) for e in expected if scales_of(e) is not None],
             )
-    assert len(launches) == 2 * (len(prepared.buckets) + len(prepared.int8_buckets))  # one launch per bucket
+    classes = {(r.kernel, r.constexprs["BLOCK"], r.constexprs["STATE_ALIGNED"]) for r in prepared.launched}
+    assert len(launches) == 2 * len(prepared.launched) == 2 * len(classes)  # one launch per bucket and class
 
 
-@exact_case
+@case
 def device_keys_tensor_lr_and_the_skip_flag() -> None:
     """Capturable steps: DeviceKey sr and quant keys (step counts on the device) and a tensor lr give the
     number-key step's bits; a set skip flag writes nothing."""
-    from lion_dist.backends import triton_kernel
+    from lion_dist.backends.triton import BACKEND as backend
 
-    backend = triton_kernel.BACKEND
     entries, expected = make(PLACES, (BF16, F32), 64, seed=9)
     prepared = backend.prepare(entries)
     step_tensor = torch.zeros((), dtype=torch.int64)
@@ -302,73 +284,80 @@ def device_keys_tensor_lr_and_the_skip_flag() -> None:
         grads = grads_for(entries, seed=10 + step)
         # different bases for the two keys: each is computed from its own DeviceKey
         sr_key, quant_key = DeviceKey(base, step_tensor), DeviceKey(base + 99, step_tensor)
-        backend.step(prepared, grads, hp, sr_key=sr_key, quant_key=quant_key)
+        backend.step(prepared, grads, StepArgs(hp, sr_key=sr_key, quant_key=quant_key))
         reference_step(expected, grads, hp, spec.sr_key(SEED, 0, step), spec.sr_key(SEED, 0, step) + 99)
         assert_entries_same(entries, expected)
-    before = [(e.param.clone(), e.exp_avg.clone(), e.scales.clone()) for e in entries]
+    before = [(e.param.clone(), e.exp_avg.clone(), scales_of(e).clone()) for e in entries]
     grads = grads_for(entries, seed=20)
-    backend.step(prepared, grads, WD, skip=torch.ones(1, dtype=torch.int32), quant_key=5)
+    backend.step(prepared, grads, StepArgs(WD, skip=torch.ones(1, dtype=torch.int32), quant_key=5))
     for e, (p, c, s) in zip(entries, before, strict=True):
-        assert_same([e.param, e.exp_avg, e.scales], [p, c, s])
+        assert_same([e.param, e.exp_avg, scales_of(e)], [p, c, s])
     step_both(backend, prepared, entries, expected, grads, WD, None, 5, skip=torch.zeros(1, dtype=torch.int32))
 
 
-@exact_case
+@case
 def alignment_and_buckets() -> None:
-    """Rows and blocks of multiples of 16 with 16-byte aligned tensors get the aligned kernel; an odd row, a view
-    at an odd offset or an unaligned gradient the unaligned one: all equal to the reference."""
-    from lion_dist.backends import triton_kernel
+    """Rows and blocks of multiples of 16 with 16-byte aligned tensors get the aligned kernel; an odd row or a view
+    at an odd offset the unaligned one; an unaligned gradient a launch of its own whose codes and param keep their
+    vector accesses: one bucket, split per call by alignment class, all equal to the reference."""
+    from lion_dist.backends.triton import BACKEND as backend
+    from lion_dist.backends.triton import kernels
 
-    backend = triton_kernel.BACKEND
     entries, expected = make([((4, 64), 0, 0, 0), ((3, 48), 1, 0, 0), ((2, 40), 2, 0, 0)], (F32, F32), 32, seed=11)
     flat_p, flat_c = torch.randn(97), torch.zeros(97, dtype=torch.int8)
-    view = Entry(flat_p[1:].view(3, 32), flat_c[1:].view(3, 32), F32, 3, scales=torch.zeros(3, 1), block=32)
+    view = entry(flat_p[1:].view(3, 32), flat_c[1:].view(3, 32), F32, 3, scales=torch.zeros(3, 1), block=32)
     entries.append(view)
-    expected.append(view._replace(param=view.param.clone(), exp_avg=view.exp_avg.clone(), scales=view.scales.clone()))
+    expected.append(view._replace(param=view.param.clone(), state=tuple(t.clone() for t in view.state)))
     prepared = backend.prepare(entries)
-    assert sorted((b.aligned, len(b.index)) for b in prepared.int8_buckets) == [(False, 2), (True, 2)]
+    assert len(prepared.buckets) == 1 and prepared.buckets[0].state_aligned.tolist() == [True, True, False, False]
     recorded = []
-    real = triton_kernel._lion_int8_kernel
+    real = kernels.lion_int8_kernel
 
     class Record:
         def __getitem__(self, grid):
             def launch(*args, **kwargs):
-                recorded.append(kwargs["ALIGNED"])
+                recorded.append((kwargs["STATE_ALIGNED"], kwargs["STREAM_ALIGNED"]))
                 real[grid](*args, **kwargs)
 
             return launch
 
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(triton_kernel, "_lion_int8_kernel", Record())
+        patch.setattr(kernels, "lion_int8_kernel", Record())
         step_both(backend, prepared, entries, expected, grads_for(entries, 12), WD, None, 3)
+        assert sorted(r.entries for r in prepared.launched) == [(0, 1), (2, 3)]
         grads = grads_for(entries, 13)
-        grads[0] = torch.randn(257)[1:].view(4, 64)  # unaligned this step: its bucket runs unaligned
+        grads[0] = torch.randn(257)[1:].view(4, 64)  # unaligned this step: a launch of its own
         step_both(backend, prepared, entries, expected, grads, WD, None, None)
-    assert sorted(recorded) == [False, False, False, True]
+        assert sorted(r.entries for r in prepared.launched) == [(0,), (1,), (2, 3)]
+    assert sorted(recorded) == [(False, False), (False, False), (True, False), (True, True), (True, True)]
 
 
 @case
 def bad_entries_raise_clear_errors() -> None:
-    from lion_dist.backends import triton_kernel
+    """What the declaration cannot say (the block range, the scales' storage, overlaps) the backend refuses; what it
+    says (dtypes) the registry refuses before the backend sees it."""
+    from lion_dist.backends.triton import BACKEND as backend
 
-    backend = triton_kernel.BACKEND
     (e,), _ = make([((2, 40), 0, 0, 0)], (F32, F32), 32)
+    codes, scales = e.state
     for block in (0, -3, 1025, 2048):
         with pytest.raises(ValueError, match=rf"int8 momentum block {block} is not supported"):
-            backend.prepare([e._replace(block=block)])
+            backend.prepare([e._replace(format=Int8Momentum(block))])
     with pytest.raises(ValueError, match=r"scales of shape \(2, 2\)"):
-        backend.prepare([e._replace(scales=torch.zeros(2, 3))])
+        backend.prepare([e._replace(state=(codes, torch.zeros(2, 3)))])
     with pytest.raises(ValueError, match="contiguous fp32"):
-        backend.prepare([e._replace(scales=torch.zeros(2, 2, dtype=torch.float64))])
-    with pytest.raises(TypeError, match="fp32/bf16/fp16 params and grads"):
-        backend.prepare([e._replace(param=e.param.double(), grad_dtype=torch.float64)])
-    with pytest.raises(ValueError, match="Kahan compensation"):
-        backend.prepare([e._replace(compensation=torch.zeros_like(e.param))])
+        backend.prepare([e._replace(state=(codes, torch.zeros(2, 2, dtype=torch.float64)))])
+    with pytest.raises(ValueError, match="scales is not contiguous"):
+        backend.prepare([e._replace(state=(codes, torch.zeros(2, 4)[:, ::2]))])
+    fp64 = Need("cpu", (torch.float64, torch.float64, torch.float32), format="int8")
+    assert backends.refusal("triton", fp64) == "it has no (param, grad, momentum) = (float64/float64/float32) variant"
+    with pytest.raises(ValueError, match="the compensation its dtype"):
+        backend.prepare([e._replace(compensation=torch.zeros_like(e.param, dtype=torch.bfloat16))])
     with pytest.raises(ValueError, match="the param of tensor 1 and the param of tensor 0's int8 scales share"):
-        backend.prepare([e, Entry(e.scales.view(4), torch.zeros(4), F32)])
+        backend.prepare([e, entry(scales.view(4), torch.zeros(4), F32)])
 
 
-@exact_case
+@case
 def the_optimizer_with_int8_momentum_equals_the_reference_backend() -> None:
     """`Lion(momentum_dtype=torch.int8, backend="triton")` over 4 steps: a mixed route (a small param keeps fp32
     momentum), stochastic requantization and bf16 rounding, equal to backend="reference"."""
@@ -403,21 +392,24 @@ def the_optimizer_with_int8_momentum_equals_the_reference_backend() -> None:
 
 @compiled_case
 def int8_runtime_values_are_not_constexprs() -> None:
-    from lion_dist.backends import triton_kernel
+    from lion_dist.backends.triton import kernels
 
-    params = {p.name: p for p in triton_kernel._lion_int8_kernel.params}
-    assert not any(params[name].is_constexpr for name in (*triton_kernel.INT8_RUNTIME_ARGS, "skip"))
-    assert all(params[name].do_not_specialize for name in triton_kernel.INT8_RUNTIME_ARGS)
-    names = list(inspect.signature(triton_kernel._lion_int8_kernel.fn).parameters)
-    assert [n for n in names if params[n].is_constexpr] == ["DTYPES", "BLOCK", "ROWS", "ALIGNED", "STOCHASTIC"]
+    params = {p.name: p for p in kernels.lion_int8_kernel.params}
+    assert not any(params[name].is_constexpr for name in kernels.RUNTIME_ARGS)
+    assert all(params[name].do_not_specialize for name in kernels.RUNTIME_ARGS)
+    names = list(inspect.signature(kernels.lion_int8_kernel.fn).parameters)
+    assert [n for n in names if params[n].is_constexpr] == [
+        "MODE", "DTYPES", "BLOCK", "ROWS", "STATE_ALIGNED", "STREAM_ALIGNED", "STOCHASTIC", "COMPENSATED",
+    ]  # fmt: skip
 
 
 @compiled_case
 def the_launcher_reaches_every_int8_specialization_and_they_compile() -> None:
     """Without a GPU: the launcher's int8 calls reach every `int8_specializations()`; a few (the default block,
-    both dtype families, aligned or not, stochastic or not) compile for sm_90 without spills, with the spec's
-    fma.rn and only correctly rounded divisions (div.rn.f32, no ftz), the aligned ones with 128-bit accesses."""
-    from lion_dist.backends import triton_kernel
+    both dtype families, step and direction, every alignment class, stochastic and compensated or not) compile for
+    sm_90 without spills, with the spec's fma.rn and only correctly rounded divisions (div.rn.f32, no ftz), the
+    aligned ones with 128-bit loads (and stores of the fp32 param; a direction stores int8 only, 8 per thread)."""
+    from lion_dist.backends.triton import launcher
 
     module = benchmark_script("triton_compile")
     launches = module.int8_recorded_launches()
@@ -425,79 +417,36 @@ def the_launcher_reaches_every_int8_specialization_and_they_compile() -> None:
         tuple(sorted((k, v) for k, v in kw.items() if k != "num_warps" and k != "enable_fp_fusion"))
         for _, kw in launches
     }
-    assert seen == {tuple(sorted(s.items())) for s in triton_kernel.int8_specializations()}
+    assert seen == {tuple(sorted(s.items())) for s in launcher.int8_specializations()}
     picked = [
         (args, kw)
         for args, kw in launches
-        if kw["BLOCK"] == 128 and (kw["DTYPES"] == triton_kernel.MIXED or (kw["ALIGNED"] and not kw["STOCHASTIC"]))
+        if kw["BLOCK"] == 128
+        and (kw["DTYPES"] == launcher.MIXED or not kw["STOCHASTIC"])
+        and (kw["STREAM_ALIGNED"] or (kw["MODE"] == launcher.STEP and kw["STOCHASTIC"] and kw["COMPENSATED"]))
     ]
-    assert len(picked) == 5
+    assert len(picked) == 10
     for args, kw in picked:
-        compiled = module.compile_launch(args, kw, 90, "_lion_int8_kernel")
+        compiled = module.compile_launch(args, kw, 90, "int8")
         ptx = compiled.asm["ptx"]
         registers, spills = module._resources(compiled.asm["cubin"])
         divisions = set(__import__("re").findall(r"\bdiv\.[\w.]*f32\b", ptx))
         assert spills == 0 and registers <= 255 and divisions == {"div.rn.f32"} and ".ftz" not in ptx, kw
         assert "fma.rn.f32" in ptx
-        if kw["ALIGNED"]:
-            assert module._widest(ptx, "ld") == "v4.b32" and module._widest(ptx, "st") == "v4.b32", kw
+        if kw["STATE_ALIGNED"]:
+            assert module._widest(ptx, "ld") == "v4.b32", kw
+            assert module._widest(ptx, "st") == ("v4.b32" if kw["MODE"] == launcher.STEP else "v2.b32"), kw
 
 
-def _run(mode: str, names: list[str]) -> None:
-    """Subprocess entry: run the named cases, print {name: None or the traceback} as JSON on the last line."""
-    import numpy as np
-
-    torch.set_num_threads(1)
-    results = {}
-    for name in names:
-        try:
-            with np.errstate(invalid="ignore", divide="ignore"):  # the interpreter's 0 / 0 of all-zero blocks
-                CASES[mode][name]()
-            results[name] = None
-        except (Exception, pytest.fail.Exception):  # pytest.raises' "DID NOT RAISE" is not an Exception
-            results[name] = traceback.format_exc()
-    print("\n" + json.dumps(results))
+case_results = CASES.fixture()
 
 
-@pytest.fixture(scope="module")
-def case_results(
-    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
-) -> dict[str, dict[str, str | None]]:
-    """Run the selected cases of each mode in one subprocess, with TRITON_INTERPRET=1 or without it."""
-    results = {}
-    for mode in CASES:
-        test = f"test_int8_{mode}_case"
-        names = sorted(
-            {it.callspec.params["name"] for it in request.session.items if getattr(it, "originalname", "") == test}
-        )
-        names = [name for name in names if mode != "interpreter" or runnable(name, FMA_EXACT)]
-        if not names:
-            continue
-        env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-        env["TRITON_CACHE_DIR"] = str(tmp_path_factory.mktemp("triton_cache"))  # compiles from scratch, hermetic
-        proc = subprocess.run(
-            [sys.executable, "-c", f"from tests.test_int8_triton_kernel import _run; _run({mode!r}, {names!r})"],
-            cwd=ROOT,
-            env=env | {"TRITON_INTERPRET": "1"} if mode == "interpreter" else env,
-            capture_output=True,
-            text=True,
-            timeout=900,
-        )
-        lines = proc.stdout.strip().splitlines()
-        if proc.returncode or not lines:
-            pytest.fail(f"the {mode} subprocess failed (exit {proc.returncode}):\n{proc.stderr[-5000:]}")
-        results[mode] = json.loads(lines[-1])
-    return results
-
-
-@pytest.mark.parametrize("name", interpreter_params(CASES["interpreter"], FMA_EXACT))
+@pytest.mark.parametrize("name", CASES.params("interpreter"))
 def test_int8_interpreter_case(case_results: dict[str, dict[str, str | None]], name: str) -> None:
-    if error := case_results["interpreter"][name]:
-        pytest.fail(error, pytrace=False)
+    report(case_results, "interpreter", name)
 
 
-@pytest.mark.parametrize("name", list(CASES["compiled"]))
+@pytest.mark.parametrize("name", CASES.names("compiled"))
 def test_int8_compiled_case(case_results: dict[str, dict[str, str | None]], name: str) -> None:
     """The compiled int8 kernel's checks that need no GPU."""
-    if error := case_results["compiled"][name]:
-        pytest.fail(error, pytrace=False)
+    report(case_results, "compiled", name)

@@ -1,12 +1,11 @@
 """The fused Triton kernel against `lion_reference`: on CPU through Triton's interpreter, on CUDA compiled.
 
-Triton reads TRITON_INTERPRET when `triton` is first imported (its own library functions are jit-decorated
-then) and when each kernel is decorated, so one process cannot hold both modes. So the CPU cases run in
-subprocesses, one per mode (`case_results`): the interpreter cases with TRITON_INTERPRET=1, the checks of the
-compiled kernel that need no GPU without it, whatever this process's environment says; each
-`test_interpreter_case[name]` / `test_compiled_case[name]` reports one case's outcome. Nothing in this pytest
-process, and no other test module, ever sees interpreter mode. The `cuda` tests run the compiled kernel here,
-on a GPU: `pytest -m cuda tests/test_triton_kernel.py` (with TRITON_INTERPRET unset).
+The CPU cases run in a subprocess per Triton mode (`tests/triton_cases.py`): the interpreter cases with
+TRITON_INTERPRET=1, the checks of the compiled kernel that need no GPU without it; each
+`test_interpreter_case[name]` / `test_compiled_case[name]` reports one case's outcome. The `cuda` tests run the
+compiled kernel here, on a GPU: `pytest -m cuda tests/test_triton_kernel.py` (with TRITON_INTERPRET unset). The split
+step, Kahan compensation, alignment buckets and CUDA-graph capture are in `tests/test_triton_paths.py`, int8 momentum
+in `tests/test_int8_triton_kernel.py`.
 """
 
 from __future__ import annotations
@@ -14,24 +13,21 @@ from __future__ import annotations
 import importlib.util
 import inspect
 import itertools
-import json
 import os
-import subprocess
-import sys
-import traceback
-from collections.abc import Callable
-from pathlib import Path
 
 import pytest
 import torch
 
 from lion_dist import Lion
+from lion_dist.backends import StepArgs
 from lion_dist.functional import lion
 from lion_dist.spec import LionHyperparams, lion_reference
-from tests.interpreter_fma import interpreter_params, runnable
+from tests.conftest import entry
 from tests.scripts import benchmark_script
+from tests.triton_cases import Cases, report
 
-ROOT = Path(__file__).resolve().parent.parent
+pytestmark = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
+
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 COMBOS = list(itertools.product(DTYPES, DTYPES, (torch.float32, torch.bfloat16)))  # (param, grad, momentum)
 HP = LionHyperparams(lr=3e-3, beta1=0.9, beta2=0.99, weight_decay=0.1)
@@ -42,6 +38,8 @@ HPS = {
 }
 cuda = pytest.mark.cuda
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+CASES = Cases(__name__)
+case, compiled_case = CASES.case, CASES.compiled
 
 
 def make(sizes, dtypes, device="cpu", seed=0):
@@ -73,16 +71,19 @@ def assert_same(got, expected) -> None:
 
 
 def step_and_compare(params, grads, exp_avgs, hp, **kwargs) -> None:
-    from lion_dist.backends import triton_kernel
-
+    """The one-shot `lion(..., backend="triton")` (skip, sr_seed) against the reference, bit for bit."""
     expected_p, expected_m = reference(params, grads, exp_avgs, hp)
-    triton_kernel.lion_triton(params, grads, exp_avgs, hp, **kwargs)
+    lion(params, grads, exp_avgs, hp, backend="triton", **kwargs)
     assert_same(params, expected_p)
     assert_same(exp_avgs, expected_m)
 
 
+def entries_of(params, grads, exp_avgs):
+    return [entry(p, m, g.dtype, i) for i, (p, g, m) in enumerate(zip(params, grads, exp_avgs, strict=True))]
+
+
 class CountLaunches:
-    """Stands in for `_lion_kernel` and counts `kernel[grid](...)` launches."""
+    """Stands in for `kernels.lion_kernel` and counts `kernel[grid](...)` launches."""
 
     def __init__(self, kernel) -> None:
         self.kernel, self.grids = kernel, []
@@ -94,33 +95,14 @@ class CountLaunches:
 
 # ---------------------------------------------------------------------------- cases run in a subprocess per mode
 
-CASES: dict[str, dict[str, Callable[[], None]]] = {"interpreter": {}, "compiled": {}}
-
-
-def case(fn: Callable[[], None], name: str | None = None, mode: str = "interpreter") -> Callable[[], None]:
-    CASES[mode][name or fn.__name__] = fn
-    return fn
-
-
-def compiled_case(fn: Callable[[], None]) -> Callable[[], None]:
-    return case(fn, mode="compiled")
-
-
-FMA_EXACT: set[str] = set()  # interpreter cases that compare with the reference's single-rounding fma bit for bit
-
-
-def exact_case(fn: Callable[[], None], name: str | None = None) -> Callable[[], None]:
-    FMA_EXACT.add(name or fn.__name__)
-    return case(fn, name)
-
 
 @case
 def interpreter_mode_is_on() -> None:
     import triton
 
-    from lion_dist.backends import triton_kernel
+    from lion_dist.backends.triton import kernels
 
-    assert os.environ["TRITON_INTERPRET"] == "1" and triton_kernel.interpreted()
+    assert os.environ["TRITON_INTERPRET"] == "1" and kernels.interpreted()
     assert not isinstance(triton.language.zeros_like, triton.runtime.jit.JITFunction)
 
 
@@ -129,7 +111,7 @@ def mixed_mode_is_refused_at_import() -> None:
     """Triton was imported interpreted; a kernel decorated without the variable could not call its library."""
     with pytest.MonkeyPatch.context() as env:
         env.delenv("TRITON_INTERPRET")
-        spec = importlib.util.find_spec("lion_dist.backends.triton_kernel")
+        spec = importlib.util.find_spec("lion_dist.backends.triton.kernels")
         with pytest.raises(ImportError, match="TRITON_INTERPRET changed between `import triton`"):
             spec.loader.exec_module(importlib.util.module_from_spec(spec))
 
@@ -143,17 +125,17 @@ def dtype_case(dtypes) -> None:
 
 
 for _dtypes in COMBOS:
-    exact_case(lambda d=_dtypes: dtype_case(d), "dtypes-" + "-".join(str(t).removeprefix("torch.") for t in _dtypes))
+    case(lambda d=_dtypes: dtype_case(d), "dtypes-" + "-".join(str(t).removeprefix("torch.") for t in _dtypes))
 for _name, _hp in HPS.items():
-    exact_case(lambda hp=_hp: step_and_compare(*make((1, 300, 5000), (torch.float32,) * 3), hp), f"hyperparams-{_name}")
+    case(lambda hp=_hp: step_and_compare(*make((1, 300, 5000), (torch.float32,) * 3), hp), f"hyperparams-{_name}")
 
 
-@exact_case
+@case
 def many_tensors_and_dtypes_in_one_launch() -> None:
     """Full blocks, tails of a multiple of 16 and odd tails, several blocks per tensor, empty tensors skipped;
     tensors of any mix of fp32, bf16 and fp16 share one launch (each tensor's dtypes are a code in the layout),
     all-fp32 tensors another (their kernel has no half-precision branches)."""
-    from lion_dist.backends import triton_kernel
+    from lion_dist.backends.triton import kernels
 
     sizes = [1, 0, 127, 1025, 4096, 0, 8192, 4096 + 16, 3 * 4096 + 5, *range(2, 300, 7)]
     triples = [
@@ -165,8 +147,8 @@ def many_tensors_and_dtypes_in_one_launch() -> None:
     made = [make(sizes, triple, seed=2 + k) for k, triple in enumerate(triples)]
     params, grads, exp_avgs = ([t for m in made for t in m[k]] for k in range(3))
     with pytest.MonkeyPatch.context() as patch:
-        counter = CountLaunches(triton_kernel._lion_kernel)
-        patch.setattr(triton_kernel, "_lion_kernel", counter)
+        counter = CountLaunches(kernels.lion_kernel)
+        patch.setattr(kernels, "lion_kernel", counter)
         step_and_compare(params, grads, exp_avgs, HP)
     assert len(counter.grids) == 2
 
@@ -183,14 +165,15 @@ def non_contiguous_inputs_are_updated_in_place() -> None:
     assert params[0].data_ptr() == base[0][0].data_ptr() and exp_avgs[0].data_ptr() == base[2][0].data_ptr()
 
 
-@exact_case
+@case
 def skip_flag_writes_nothing() -> None:
-    """Read on the device by the kernel: through `lion_triton` and through the `lion(backend="triton")` dispatch."""
-    from lion_dist.backends import triton_kernel
+    """Read on the device by the kernel: through the backend and through the `lion(backend="triton")` dispatch."""
+    from lion_dist.backends.triton import BACKEND
 
     params, grads, exp_avgs = make((5, 4097), (torch.bfloat16, torch.float32, torch.float32), seed=4)
     before = clone(params), clone(exp_avgs)
-    triton_kernel.lion_triton(params, grads, exp_avgs, HP, skip=torch.ones(1, dtype=torch.int32), sr_seed=3)
+    prepared = BACKEND.prepare(entries_of(params, grads, exp_avgs))
+    BACKEND.step(prepared, grads, StepArgs(HP, skip=torch.ones(1, dtype=torch.int32), sr_key=3))
     lion(params, grads, exp_avgs, HP, backend="triton", skip=torch.full((1,), 7, dtype=torch.int32))
     assert_same(params, before[0])
     assert_same(exp_avgs, before[1])
@@ -207,7 +190,7 @@ def nonfinite_values_propagate_like_the_reference() -> None:
     assert params[0][[3, 9, 20]].isnan().all()
 
 
-@exact_case
+@case
 def fused_multiply_add_decides_the_sign_when_terms_cancel() -> None:
     """Where fl(m * b1) == -fl(g * (1 - b1)), only an fma's single rounding leaves c != 0, so p moves."""
     hp = HPS["plain"]
@@ -224,20 +207,23 @@ def fused_multiply_add_decides_the_sign_when_terms_cancel() -> None:
     assert params[0].numel() > 3000 and (params[0] != before).float().mean() > 0.99
 
 
-@exact_case
+@case
 def stochastic_rounding_is_unbiased_and_reproducible() -> None:
     """Each output is the fp32 result cut to bf16 or one ulp above, the mean is the fp32 result, a seed
     reproduces its draw; fp16 and fp32 params and bf16 momentum still round to nearest."""
-    from lion_dist.backends import triton_kernel
-
     n, ulp = 4096, 2.0**-7  # bf16 spacing in [1, 2)
     hp = LionHyperparams(lr=0.3 * ulp, beta1=0.9, beta2=0.99)
     exact = 1.0 + torch.tensor(0.3 * ulp, dtype=torch.float32)  # the fp32 result, 30% of the way up
     draws = []
     for seed in range(4):  # two equal tensors per launch: their draws must differ too
         p = [torch.ones(n, dtype=torch.bfloat16), torch.ones(n, dtype=torch.bfloat16)]
-        triton_kernel.lion_triton(
-            p, [-torch.ones(n)] * 2, [torch.zeros(n, dtype=torch.bfloat16) for _ in p], hp, sr_seed=seed
+        lion(
+            p,
+            [-torch.ones(n)] * 2,
+            [torch.zeros(n, dtype=torch.bfloat16) for _ in p],
+            hp,
+            backend="triton",
+            sr_seed=seed,
         )
         draws += [p[0].float(), p[1].float()]
     draws = torch.stack(draws)
@@ -251,7 +237,7 @@ def stochastic_rounding_is_unbiased_and_reproducible() -> None:
     runs = []
     for _ in range(2):
         ps, ms = clone(params), clone(exp_avgs)
-        triton_kernel.lion_triton(ps, grads, ms, hp, sr_seed=12345678901234)
+        lion(ps, grads, ms, hp, backend="triton", sr_seed=12345678901234)
         runs.append(ps)
     assert_same(runs[0], runs[1])
     assert not all(torch.equal(a, b) for a, b in zip(runs[0], nearest, strict=True))
@@ -265,33 +251,41 @@ def stochastic_rounding_is_unbiased_and_reproducible() -> None:
 
 @case
 def bad_inputs_raise_clear_errors() -> None:
+    """The one-shot form refuses what the backend's declaration refuses (through the registry) and what no kernel
+    may read (through `functional._check`); the backend itself refuses what its declaration cannot say."""
     import torch.distributed as dist
     from torch.distributed.tensor import DeviceMesh, Shard, distribute_tensor
 
-    from lion_dist.backends import triton_kernel
+    from lion_dist.backends.triton import BACKEND
 
     params, grads, exp_avgs = make((8,), (torch.float32,) * 3)
-    with pytest.raises(TypeError, match=r"a grad has dtype torch\.float64"):
-        triton_kernel.lion_triton(params, [grads[0].double()], exp_avgs, HP)
+    with pytest.raises(ValueError, match=r"no \(param, grad, momentum\) = \(float32/float64/float32\) variant"):
+        lion(params, [grads[0].double()], exp_avgs, HP, backend="triton")
     cautious = LionHyperparams(lr=1e-3, beta1=0.9, beta2=0.99, cautious_factor=0.0)
-    with pytest.raises(ValueError, match="cautious Lion runs on backend='foreach'"):
-        triton_kernel.lion_triton(params, grads, exp_avgs, cautious)
-    with pytest.raises(ValueError, match="param 0 has 8 elements, its grad 7"):
-        triton_kernel.lion_triton(params, [torch.zeros(7)], exp_avgs, HP)
+    with pytest.raises(ValueError, match=r"cautious Lion needs a per-tensor pass.*Use backend='auto'"):
+        lion(params, grads, exp_avgs, cautious, backend="triton")
+    with pytest.raises(ValueError, match=r"tensor 0 has param shape \(8,\), grad \(7,\)"):
+        lion(params, [torch.zeros(7)], exp_avgs, HP, backend="triton")
     with pytest.raises(ValueError, match="1-element int32"):
-        triton_kernel.lion_triton(params, grads, exp_avgs, HP, skip=torch.zeros(1, dtype=torch.bool))
+        lion(params, grads, exp_avgs, HP, backend="triton", skip=torch.zeros(1, dtype=torch.bool))
     with pytest.raises(RuntimeError, match=r"interpreter.*takes CPU tensors, got meta"):
-        triton_kernel.lion_triton(*([torch.empty(8, device="meta")] for _ in range(3)), HP)
+        lion(*([torch.empty(8, device="meta")] for _ in range(3)), HP, backend="triton")
+    with pytest.raises(ValueError, match=r"tensor 1: its param is on meta, tensor 0's param on cpu: one device"):
+        BACKEND.prepare(entries_of([params[0], torch.empty(8, device="meta")], grads * 2, [exp_avgs[0]] * 2))
+    with pytest.raises(ValueError, match="tensor 0: its momentum is not contiguous"):
+        BACKEND.prepare([entry(params[0], torch.zeros(16)[::2], torch.float32)])
     dist.init_process_group("gloo", rank=0, world_size=1, store=dist.HashStore())
     try:
         dtensor = distribute_tensor(params[0], DeviceMesh("cpu", [0]), [Shard(0)])
-        with pytest.raises(TypeError, match=r"data_ptr\(\) is 0 \(a DTensor\?\): pass its local shard"):
-            triton_kernel.lion_triton([dtensor], grads, exp_avgs, HP)
+        with pytest.raises(TypeError, match=r"the param of tensor 0 is a DTensor, whose data_ptr\(\) is 0"):
+            lion([dtensor], grads, exp_avgs, HP, backend="triton")
+        with pytest.raises(ValueError, match=r"data_ptr\(\) is 0: a DTensor\?\): pass its local shard"):
+            BACKEND.prepare([entry(dtensor, exp_avgs[0], torch.float32)])
     finally:
         dist.destroy_process_group()
 
 
-@exact_case
+@case
 def optimizer_end_to_end_matches_reference() -> None:
     """`Lion(backend="triton")` equals `Lion(backend="reference")` over 10 steps: groups, dtypes, lr schedule."""
 
@@ -348,7 +342,7 @@ def contract_holds_for_the_triton_backend() -> None:
 
 
 class RecordLaunches:
-    """Stands in for `_lion_kernel`: records each launch's grid, arguments and keywords, and runs nothing."""
+    """Stands in for a kernel: records each launch's grid, arguments and keywords, and runs nothing."""
 
     def __init__(self) -> None:
         self.launches: list[tuple[tuple, tuple, dict]] = []
@@ -365,7 +359,7 @@ def stochastic_rounding_equals_the_reference_bit_for_bit() -> None:
     """The kernel draws the spec's Philox noise: per (param id, element index, shard), whatever else is in the
     launch; one Philox call per 8 elements where a tensor's first element index is a multiple of 8 (base 0 and
     296 here), one per element otherwise (base 3), the same bits either way."""
-    from lion_dist.backends import Entry, triton_kernel
+    from lion_dist.backends.triton import BACKEND
     from lion_dist.spec import DeviceKey, NoiseStream
 
     hp = LionHyperparams(lr=1e-3, beta1=0.9, beta2=0.99, weight_decay=0.1)
@@ -377,8 +371,8 @@ def stochastic_rounding_equals_the_reference_bit_for_bit() -> None:
         expected_p, expected_m = clone(params), clone(exp_avgs)
         for p, g, m, (pid, base, shard) in zip(expected_p, grads, expected_m, places, strict=True):
             lion_reference(p, g, m, hp, noise=NoiseStream(SR_KEY, pid, base, shard))
-        entries = [Entry(p, m, g.dtype, *place) for p, g, m, place in zip(ps, grads, ms, places, strict=True)]
-        triton_kernel.BACKEND.step(triton_kernel.BACKEND.prepare(entries), grads, hp, sr_key=key)
+        entries = [entry(p, m, g.dtype, *place) for p, g, m, place in zip(ps, grads, ms, places, strict=True)]
+        BACKEND.step(BACKEND.prepare(entries), grads, StepArgs(hp, sr_key=key))
         assert_same(ps, expected_p)
         assert_same(ms, expected_m)
         nearest = reference(params, grads, exp_avgs, hp)[0]
@@ -414,55 +408,67 @@ def route_names_of(opt: Lion) -> list[str]:
     return [] if not plans else sorted(r.backend.name for r in list(plans.values())[-1].routes)
 
 
-@exact_case
+@case
 def alignment_is_decided_per_tensor() -> None:
-    """A view at an odd offset gets a launch of its own without 128-bit accesses; the aligned tensors keep theirs."""
-    from lion_dist.backends import Entry, triton_kernel
+    """A view at an odd offset gets a launch of its own without 128-bit accesses; the aligned tensors keep theirs.
+    An unaligned gradient moves only its own tensor to a launch whose param and momentum keep theirs."""
+    from lion_dist.backends.triton import BACKEND, kernels
 
     params, grads, exp_avgs = make((64, 4096, 1000), (torch.float32,) * 3, seed=11)
     flat = torch.randn(1001)
     params[2], exp_avgs[2] = flat[1:], torch.zeros(1001)[1:]  # 4-byte, not 16-byte, aligned
     expected = reference(params, grads, exp_avgs, HP)
-    entries = [Entry(p, m, g.dtype, i) for i, (p, g, m) in enumerate(zip(params, grads, exp_avgs, strict=True))]
-    prepared = triton_kernel.BACKEND.prepare(entries)
-    assert sorted((b.aligned, len(b.index or entries)) for b in prepared.buckets) == [(False, 1), (True, 2)]
+    prepared = BACKEND.prepare(entries_of(params, grads, exp_avgs))
+    assert len(prepared.buckets) == 1 and prepared.buckets[0].state_aligned.tolist() == [True, True, False]
     with pytest.MonkeyPatch.context() as patch:
-        counter = CountLaunches(triton_kernel._lion_kernel)
-        patch.setattr(triton_kernel, "_lion_kernel", counter)
-        triton_kernel.BACKEND.step(prepared, grads, HP)
+        counter = CountLaunches(kernels.lion_kernel)
+        patch.setattr(kernels, "lion_kernel", counter)
+        BACKEND.step(prepared, grads, StepArgs(HP))
     assert len(counter.grids) == 2
+    assert sorted(
+        (r.constexprs["STATE_ALIGNED"], r.constexprs["STREAM_ALIGNED"], r.entries) for r in prepared.launched
+    ) == [
+        (False, False, (2,)),
+        (True, True, (0, 1)),
+    ]
     assert_same(params + exp_avgs, expected[0] + expected[1])
-    grads[1] = torch.randn(4097)[1:]  # an unaligned gradient this step: its bucket runs unaligned, still correct
+    grads[1] = torch.randn(4097)[1:]  # an unaligned gradient this step: its tensor runs with scalar gradient reads
     recorder = RecordLaunches()
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(triton_kernel, "_lion_kernel", recorder)
-        triton_kernel.BACKEND.step(prepared, grads, HP)
-    assert sorted(kwargs["ALIGNED"] for _, _, kwargs in recorder.launches) == [False, False]
+        patch.setattr(kernels, "lion_kernel", recorder)
+        BACKEND.step(prepared, grads, StepArgs(HP))
+    aligned = sorted((kwargs["STATE_ALIGNED"], kwargs["STREAM_ALIGNED"]) for _, _, kwargs in recorder.launches)
+    assert aligned == [(False, False), (True, False), (True, True)]
+    assert sorted(r.entries for r in prepared.launched) == [(0,), (1,), (2,)]
 
 
 @case
 def shared_memory_is_refused() -> None:
-    from lion_dist.backends import triton_kernel
-
     flat = torch.zeros(100)
     with pytest.raises(ValueError, match="the param of tensor 0 and the param of tensor 1 share memory"):
-        triton_kernel.lion_triton(
-            [flat[:60], flat[50:]], [torch.ones(60), torch.ones(50)], [torch.zeros(60), torch.zeros(50)], HP
+        lion(
+            [flat[:60], flat[50:]],
+            [torch.ones(60), torch.ones(50)],
+            [torch.zeros(60), torch.zeros(50)],
+            HP,
+            backend="triton",
         )
     with pytest.raises(ValueError, match="share memory"):
-        triton_kernel.lion_triton([flat, torch.zeros(100)], [torch.ones(100)] * 2, [torch.zeros(100), flat], HP)
+        lion([flat, torch.zeros(100)], [torch.ones(100)] * 2, [torch.zeros(100), flat], HP, backend="triton")
 
 
 @case
-def every_scalar_is_an_int32_pair_whatever_its_python_type() -> None:
-    """An int beta, an int lr, a tensor lr, maximize or a seed change no argument's type and no constexpr: the
-    launcher can only ever compile `specializations()`."""
-    from lion_dist.backends import Entry, triton_kernel
+def every_runtime_argument_is_a_tensor_whatever_the_python_types() -> None:
+    """An int beta, an int lr, a tensor lr, maximize or a seed change no argument and no constexpr: every launch
+    passes tensors (the tables, the hp table, the skip flag) and constexprs, so the launcher can only ever compile
+    `specializations()`, and the hp table holds each value as the kernel reads it."""
+    import struct
+
+    from lion_dist.backends.triton import BACKEND, kernels, launcher
     from lion_dist.spec import DeviceKey
 
     params, grads, exp_avgs = make((300,), (torch.bfloat16, torch.float32, torch.float32), seed=12)
-    entries = [Entry(params[0], exp_avgs[0], torch.float32, 0)]
-    prepared = triton_kernel.BACKEND.prepare(entries)
+    prepared = BACKEND.prepare(entries_of(params, grads, exp_avgs))
     recorder = RecordLaunches()
     hps = [
         LionHyperparams(lr=1e-3, beta1=0.9, beta2=0.99),
@@ -470,31 +476,53 @@ def every_scalar_is_an_int32_pair_whatever_its_python_type() -> None:
         LionHyperparams(lr=torch.tensor(1e-3), beta1=0.5, beta2=0.5, maximize=True),
         LionHyperparams(lr=torch.tensor(1e-3, dtype=torch.float64), beta1=0.9, beta2=0.99),
     ]
+    tables = []
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(triton_kernel, "_lion_kernel", recorder)
+        patch.setattr(kernels, "lion_kernel", recorder)
         for hp in hps:
-            triton_kernel.BACKEND.step(prepared, grads, hp)
-            triton_kernel.BACKEND.step(prepared, grads, hp, sr_key=5)
-            triton_kernel.BACKEND.step(prepared, grads, hp, sr_key=DeviceKey(5, torch.tensor(1)))
-    names = list(inspect.signature(triton_kernel._lion_kernel.fn).parameters)
-    runtime = [names.index(n) for n in triton_kernel.RUNTIME_ARGS]
+            for key in (None, 5, DeviceKey(5, torch.tensor(1))):
+                BACKEND.step(prepared, grads, StepArgs(hp, sr_key=key))
+                tables.append(prepared.hp.values.tensor.clone())
+    names = list(inspect.signature(kernels.lion_kernel.fn).parameters)
     for _, args, _ in recorder.launches:
-        assert all(type(args[i]) is int and -(2**31) <= args[i] < 2**31 for i in runtime)
-    constexprs = {tuple(sorted((k, str(v)) for k, v in kw.items())) for _, _, kw in recorder.launches}
+        assert len(args) == len(kernels.RUNTIME_ARGS) == names.index("MODE")
+        assert all(isinstance(a, torch.Tensor) for a in args)
+    constexprs = {tuple(sorted(kw.items())) for _, _, kw in recorder.launches}
     assert len(constexprs) == 2  # rounding to nearest, and stochastic
-    assert all(dict(c)["STOCHASTIC"] in ("True", "False") for c in constexprs)
+    every = {
+        tuple(sorted({**s, "num_warps": 2, "enable_fp_fusion": False}.items())) for s in launcher.specializations()
+    }
+    assert constexprs <= every
+
+    def f64(table, slot):
+        return struct.unpack("<d", struct.pack("<q", int(table[slot.value])))[0]
+
+    int_hp = tables[3]  # lr 1, betas (0, 0.99), weight decay 1, no key
+    assert (f64(int_hp, kernels.HP_LR), f64(int_hp, kernels.HP_BETA1), f64(int_hp, kernels.HP_WEIGHT_DECAY)) == (
+        1,
+        0,
+        1,
+    )
+    assert f64(tables[6], kernels.HP_ONE_MINUS_BETA1) == -0.5  # maximize: the sign of 1 - b1 and 1 - b2
+    assert f64(tables[6], kernels.HP_LR) == float(torch.tensor(1e-3))  # the fp32 tensor's value, copied on the device
+    assert (
+        int(tables[4][kernels.HP_SR_KEY.value]) == 5
+        and int(tables[4][kernels.HP_FLAGS.value]) == kernels.PARAM_SR.value
+    )
+    device_key = tables[5]
+    assert int(device_key[kernels.HP_SR_STEP.value]) == 1
+    assert int(device_key[kernels.HP_FLAGS.value]) == kernels.PARAM_SR.value | kernels.SR_KEY_STEP.value
 
 
 @case
 def a_tensor_lr_is_read_on_the_device() -> None:
-    from lion_dist.backends import Entry, triton_kernel
+    from lion_dist.backends.triton import BACKEND
 
     results = []
     for lr in (3e-3, torch.tensor(3e-3), torch.tensor(3e-3, dtype=torch.float64)):
         params, grads, exp_avgs = make((1000, 33), (torch.float32,) * 3, seed=13)
-        entries = [Entry(p, m, g.dtype, i) for i, (p, g, m) in enumerate(zip(params, grads, exp_avgs, strict=True))]
         hp = LionHyperparams(lr=lr, beta1=0.9, beta2=0.99, weight_decay=0.1)
-        triton_kernel.BACKEND.step(triton_kernel.BACKEND.prepare(entries), grads, hp)
+        BACKEND.step(BACKEND.prepare(entries_of(params, grads, exp_avgs)), grads, StepArgs(hp))
         results.append(params)
     expected = reference(
         *make((1000, 33), (torch.float32,) * 3, seed=13),
@@ -515,7 +543,7 @@ def a_tensor_lr_is_read_on_the_device() -> None:
 def capturable_steps_count_on_the_device_and_upload_nothing_twice() -> None:
     """capturable=True: the step count is a device tensor, the key is computed from it in the kernel, the result
     equals the ordinary step bit for bit, and persistent gradients are uploaded once (a replayed graph relies on
-    the device table)."""
+    the device table): the host writes the gradient table and the hp table at the first step only."""
     import ctypes
 
     def train(capturable: bool) -> tuple[list[torch.Tensor], Lion]:
@@ -539,7 +567,7 @@ def capturable_steps_count_on_the_device_and_upload_nothing_twice() -> None:
         patch.setattr(ctypes, "memmove", lambda *a: copies.append(a) or memmove(*a))
         captured, opt = train(True)
     assert isinstance(opt.param_groups[0]["step"], torch.Tensor) and int(opt.param_groups[0]["step"]) == 4
-    assert len(copies) == 1  # one bucket, uploaded at the first step only
+    assert len(copies) == 2  # one bucket's gradient table and the hp table (a constant lr), at the first step only
     ordinary, plain_opt = train(False)
     assert plain_opt.param_groups[0]["step"] == 4
     assert_same(captured, ordinary)
@@ -551,99 +579,57 @@ def capturable_steps_count_on_the_device_and_upload_nothing_twice() -> None:
 
 @compiled_case
 def cpu_tensors_without_the_interpreter_get_a_clear_error() -> None:
-    from lion_dist.backends import triton_kernel
+    from lion_dist.backends.triton import kernels
 
-    assert "TRITON_INTERPRET" not in os.environ and not triton_kernel.interpreted()
+    assert "TRITON_INTERPRET" not in os.environ and not kernels.interpreted()
     params, grads, exp_avgs = make((8,), (torch.float32,) * 3)
     with pytest.raises(RuntimeError, match=r"needs CUDA tensors.*backend='foreach'.*TRITON_INTERPRET=1"):
-        triton_kernel.lion_triton(params, grads, exp_avgs, HP)
-    with pytest.raises(RuntimeError, match="needs CUDA tensors"):
         lion(params, grads, exp_avgs, HP, backend="triton")
 
 
 @compiled_case
 def runtime_values_are_not_constexprs() -> None:
-    """An lr schedule or a new seed each step must not recompile: they are plain, unspecialized arguments."""
-    from lion_dist.backends import triton_kernel
+    """An lr schedule or a new seed each step must not recompile: the kernels take only tensors at run time (the
+    hyperparameters in the hp table), none specialized on its address's alignment."""
+    from lion_dist.backends.triton import kernels
 
-    params = {p.name: p for p in triton_kernel._lion_kernel.params}
-    scalars = triton_kernel.RUNTIME_ARGS
-    assert not any(params[name].is_constexpr for name in (*scalars, "skip"))
-    assert all(params[name].do_not_specialize for name in scalars)
+    for kernel in (kernels.lion_kernel, kernels.lion_int8_kernel):
+        params = {p.name: p for p in kernel.params}
+        runtime = [p.name for p in kernel.params if not p.is_constexpr]
+        assert runtime == list(kernels.RUNTIME_ARGS) and "skip" in runtime and "hp" in runtime
+        assert all(params[name].do_not_specialize for name in runtime)
 
 
 @compiled_case
 def every_specialization_compiles_for_sm80_and_sm90() -> None:
-    """Without a GPU: the real launcher's calls, bound as Triton's JIT binds them on a GPU, compile to cubins for
-    sm_80 and sm_90; every kernel the launcher can produce is among them, none spills, the aligned ones use
-    128-bit global loads and stores, and the math is the explicit fma.rn of the spec."""
-    from lion_dist.backends import triton_kernel
+    """Without a GPU: the real launcher's calls (step, direction, apply), bound as Triton's JIT binds them on a GPU,
+    compile to cubins for sm_80 and sm_90; every kernel the launcher can produce is among them, none spills, the
+    aligned ones use 128-bit global loads and stores (those of the state even where the gradient is not aligned),
+    and the math is the explicit fma.rn of the spec."""
+    from lion_dist.backends.triton import launcher
 
     results = benchmark_script("triton_compile").compile_all((80, 90))
     seen = {(r.capability, tuple(sorted(r.constexprs.items()))) for r in results}
-    every = {(cc, tuple(sorted(s.items()))) for cc in (80, 90) for s in triton_kernel.specializations()}
-    assert seen == every and len(results) == 32
+    every = {(cc, tuple(sorted(s.items()))) for cc in (80, 90) for s in launcher.specializations()}
+    assert seen == every and len(results) == 2 * 78
     for r in results:
-        assert r.cubin_bytes > 0 and r.spill_bytes == 0 and r.explicit_fma, r
-        if r.constexprs["ALIGNED"]:
+        assert r.cubin_bytes > 0 and r.spill_bytes == 0 and r.explicit_fma and r.exact_division, r
+        if r.constexprs["STATE_ALIGNED"]:
             assert r.widest_load in ("v4.b32", "v2.b64") and r.widest_store in ("v4.b32", "v2.b64"), r
 
 
-def _run(mode: str, names: list[str]) -> None:
-    """Subprocess entry: run the named cases, print {name: None or the traceback} as JSON on the last line."""
-    torch.set_num_threads(1)
-    results = {}
-    for name in names:
-        try:
-            CASES[mode][name]()
-            results[name] = None
-        except (Exception, pytest.fail.Exception):  # pytest.raises' "DID NOT RAISE" is not an Exception
-            results[name] = traceback.format_exc()
-    print("\n" + json.dumps(results))
+case_results = CASES.fixture()
 
 
-@pytest.fixture(scope="module")
-def case_results(
-    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
-) -> dict[str, dict[str, str | None]]:
-    """Run the selected cases of each mode in one subprocess, with TRITON_INTERPRET=1 or without it."""
-    results = {}
-    for mode in CASES:
-        test = f"test_{mode}_case"
-        names = sorted(
-            {it.callspec.params["name"] for it in request.session.items if getattr(it, "originalname", "") == test}
-        )
-        names = [name for name in names if mode != "interpreter" or runnable(name, FMA_EXACT)]
-        if not names:
-            continue
-        env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-        env["TRITON_CACHE_DIR"] = str(tmp_path_factory.mktemp("triton_cache"))  # compiles from scratch, hermetic
-        proc = subprocess.run(
-            [sys.executable, "-c", f"from tests.test_triton_kernel import _run; _run({mode!r}, {names!r})"],
-            cwd=ROOT,
-            env=env | {"TRITON_INTERPRET": "1"} if mode == "interpreter" else env,
-            capture_output=True,
-            text=True,
-            timeout=900,
-        )
-        lines = proc.stdout.strip().splitlines()
-        if proc.returncode or not lines:
-            pytest.fail(f"the {mode} subprocess failed (exit {proc.returncode}):\n{proc.stderr[-5000:]}")
-        results[mode] = json.loads(lines[-1])
-    return results
-
-
-@pytest.mark.parametrize("name", interpreter_params(CASES["interpreter"], FMA_EXACT))
+@pytest.mark.parametrize("name", CASES.params("interpreter"))
 def test_interpreter_case(case_results: dict[str, dict[str, str | None]], name: str) -> None:
-    if error := case_results["interpreter"][name]:
-        pytest.fail(error, pytrace=False)
+    report(case_results, "interpreter", name)
 
 
-@pytest.mark.parametrize("name", list(CASES["compiled"]))
+@pytest.mark.parametrize("name", CASES.names("compiled"))
 def test_compiled_case(case_results: dict[str, dict[str, str | None]], name: str) -> None:
     """The compiled kernel's checks that need no GPU."""
-    if error := case_results["compiled"][name]:
-        pytest.fail(error, pytrace=False)
+    report(case_results, "compiled", name)
 
 
 # ---------------------------------------------------------------------------- compiled kernel on CUDA
@@ -670,25 +656,27 @@ def test_cuda_unaligned_and_strided_views() -> None:
 @cuda
 @needs_cuda
 def test_cuda_no_recompilation_no_sync_and_skip() -> None:
-    """A new lr, weight decay and seed every step compile nothing new and never sync; the flag skips on device."""
-    from lion_dist.backends import triton_kernel
+    """A new lr, weight decay and seed every step compile nothing new and never sync (the hp table's upload is
+    a pinned non-blocking copy); the flag skips on device."""
+    from lion_dist.backends.triton import BACKEND, kernels
 
     params, grads, exp_avgs = make((1000, 5000), (torch.bfloat16, torch.float32, torch.float32), device="cuda")
+    prepared = BACKEND.prepare(entries_of(params, grads, exp_avgs))
     flag = torch.zeros(1, dtype=torch.int32, device="cuda")
-    triton_kernel.lion_triton(params, grads, exp_avgs, HP, skip=flag, sr_seed=0)
-    cache = triton_kernel._lion_kernel.device_caches[torch.cuda.current_device()][0]
+    BACKEND.step(prepared, grads, StepArgs(HP, skip=flag, sr_key=0))
+    cache = kernels.lion_kernel.device_caches[torch.cuda.current_device()][0]
     compiled = len(cache)
     for step in range(1, 6):
         hp = LionHyperparams(lr=1e-3 / step, beta1=0.9, beta2=0.99, weight_decay=0.1 * step)
         torch.cuda.set_sync_debug_mode("error")
         try:
-            triton_kernel.lion_triton(params, grads, exp_avgs, hp, skip=flag, sr_seed=step * 1_000_003 + (1 << 40))
+            BACKEND.step(prepared, grads, StepArgs(hp, skip=flag, sr_key=step * 1_000_003 + (1 << 40)))
         finally:
             torch.cuda.set_sync_debug_mode("default")
     assert len(cache) == compiled
     before = clone(params), clone(exp_avgs)
     flag.fill_(1)
-    triton_kernel.lion_triton(params, grads, exp_avgs, HP, skip=flag, sr_seed=9)
+    lion(params, grads, exp_avgs, HP, backend="triton", skip=flag, sr_seed=9)
     assert_same(params, before[0])
     assert_same(exp_avgs, before[1])
 
@@ -696,14 +684,12 @@ def test_cuda_no_recompilation_no_sync_and_skip() -> None:
 @cuda
 @needs_cuda
 def test_cuda_stochastic_rounding_unbiased_and_reproducible() -> None:
-    from lion_dist.backends import triton_kernel
-
     n, ulp = 1 << 20, 2.0**-7
     hp = LionHyperparams(lr=0.3 * ulp, beta1=0.9, beta2=0.99)
     draws = []
     for seed in (11, 11, 12):
         p, g = [torch.ones(n, dtype=torch.bfloat16, device="cuda")], [-torch.ones(n, device="cuda")]
-        triton_kernel.lion_triton(p, g, [torch.zeros(n, device="cuda")], hp, sr_seed=seed)
+        lion(p, g, [torch.zeros(n, device="cuda")], hp, backend="triton", sr_seed=seed)
         draws.append(p[0].float())
     assert torch.equal(draws[0], draws[1]) and not torch.equal(draws[0], draws[2])
     exact = 1.0 + torch.tensor(0.3 * ulp, dtype=torch.float32)
@@ -713,10 +699,10 @@ def test_cuda_stochastic_rounding_unbiased_and_reproducible() -> None:
 @cuda
 @needs_cuda
 def test_cuda_optimizer_auto_uses_triton_and_matches_reference(monkeypatch: pytest.MonkeyPatch) -> None:
-    from lion_dist.backends import triton_kernel
+    from lion_dist.backends.triton import kernels
 
-    counter = CountLaunches(triton_kernel._lion_kernel)
-    monkeypatch.setattr(triton_kernel, "_lion_kernel", counter)
+    counter = CountLaunches(kernels.lion_kernel)
+    monkeypatch.setattr(kernels, "lion_kernel", counter)
 
     def train(backend: str) -> list[torch.Tensor]:
         gen = torch.Generator().manual_seed(0)

@@ -91,9 +91,10 @@ class VoteExchange(DirectionExchange):
             )
         if group["momentum_dtype"] == torch.int8:
             raise ValueError(
-                "DistributedLion cannot use momentum_dtype=torch.int8: its step is split around the vote (direction, "
-                "then apply) and int8 momentum has no split step, its requantization being part of the fused step; "
-                "use momentum_dtype=torch.bfloat16 (2 bytes per param) or lion_dist.Lion with int8"
+                "DistributedLion cannot use momentum_dtype=torch.int8 yet: its step is split around the vote "
+                "(direction, then apply), and neither the fused CPU kernel's split step nor the votes sent during "
+                "backward (overlap) requantize int8 momentum; use momentum_dtype=torch.bfloat16 (2 bytes per param) "
+                "or lion_dist.Lion with int8"
             )
 
     def data_parallel_size(self, params: Sequence[Tensor]) -> int:

@@ -1,8 +1,13 @@
 """The fused Triton backend: one pass over contiguous CUDA tensors (CPU tensors in Triton's interpreter).
 
-This module is its declaration and loads no Triton: `kernels.py` (the kernels and their launcher) is imported when
-a plan is first prepared. With `TRITON_INTERPRET=1` set for the whole process the kernels run in Triton's
-interpreter on CPU tensors (how the tests drive them without a GPU), and the backend then takes CPU tensors only.
+    __init__.py   this declaration: what the backend takes (`CAPABILITIES`), why not; it loads no Triton
+    kernels.py    the `@triton.jit` kernels and the named constants they read (flags, table slots)
+    launcher.py   `prepare` (buckets, their static tables) and `step` / `direction` / `apply` (the launches)
+    tables.py     the persistent device tables: uploads, per-step addresses, the hyperparameter tensor
+
+`launcher.py` (and with it Triton) is imported when a plan is first prepared. With `TRITON_INTERPRET=1` set for the
+whole process the kernels run in Triton's interpreter on CPU tensors (how the tests drive them without a GPU), and
+the backend then takes CPU tensors only.
 """
 
 from __future__ import annotations
@@ -24,8 +29,10 @@ CAPABILITIES = Capabilities(
     triples=FUSED_TRIPLES,
     formats=frozenset({"float", "int8"}),
     stochastic_rounding=True,
+    split=True,
     device_skip=True,
     capturable=True,
+    compensation=True,
 )
 
 
@@ -62,14 +69,25 @@ class TritonBackend(Backend):
         return None
 
     def prepare(self, entries: Sequence[Entry]) -> Any:
-        from lion_dist.backends.triton import kernels
+        from lion_dist.backends.triton import launcher
 
-        return kernels.prepare(entries)
+        return launcher.prepare(entries)
 
     def step(self, prepared: Any, grads: Sequence[Tensor], args: StepArgs) -> None:
-        from lion_dist.backends.triton import kernels
+        from lion_dist.backends.triton import launcher
 
-        kernels.step(prepared, grads, args)
+        launcher.step(prepared, grads, args)
+
+    def direction(self, prepared: Any, grads: Sequence[Tensor], args: StepArgs) -> list[Tensor]:
+        """int8 signs (1, -1; 0 for 0 and NaN), views into a buffer that the next `direction` overwrites."""
+        from lion_dist.backends.triton import launcher
+
+        return launcher.direction(prepared, grads, args)
+
+    def apply(self, prepared: Any, directions: Sequence[Tensor], args: StepArgs) -> None:
+        from lion_dist.backends.triton import launcher
+
+        launcher.apply(prepared, directions, args)
 
 
 BACKEND = TritonBackend()
