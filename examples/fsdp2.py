@@ -51,7 +51,10 @@ def main() -> None:
     fully_shard(model, mesh=shard_mesh, offload_policy=offload)
     hyperparams = dict(lr=args.lr, weight_decay=0.1, micro_batch_size=micro, grad_accum_steps=args.grad_accum)
     if args.distributed_lion:
-        optimizer = distributed_lion.setup(model, process_group=mesh.get_group("replicate"), **hyperparams)
+        replicas = mesh.get_group("replicate")  # votes start as backward finishes each unit (no clipping here)
+        optimizer = distributed_lion.setup(
+            model, process_group=replicas, overlap_bucket_elements=distributed_lion.OVERLAP_BUCKET, **hyperparams
+        )
     else:
         optimizer = Lion(model.parameters(), **hyperparams)
 

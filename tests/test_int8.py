@@ -303,7 +303,7 @@ def test_bad_int8_state_dicts_are_refused_and_change_nothing() -> None:
 def test_distributed_lion_refuses_int8_momentum() -> None:
     from lion_dist.distributed_lion import DistributedLion
 
-    with pytest.raises(ValueError, match="cannot use momentum_dtype=torch.int8 yet"):
+    with pytest.raises(ValueError, match=r"cannot use momentum_dtype=torch\.int8 yet"):
         DistributedLion([torch.nn.Parameter(torch.randn(64, 128))], lr=1e-3, momentum_dtype="int8", **QUIET)
 
 

@@ -119,10 +119,10 @@ def setup(
     """Turn off `model`'s gradient all-reduce and return a `DistributedLion` over its replicas: the one-line switch.
 
     DDP: `opt = setup(ddp_model, lr=1e-4, weight_decay=0.1)` (the replicas are DDP's process group). FSDP2 sharded
-    inside each replica: `opt = setup(model, process_group=mesh.get_group("replicate"), lr=...)`, whose votes start
-    during backward (`overlap_bucket_elements=OVERLAP_BUCKET` unless given). `params`: the params or param groups
-    to optimize (default: all of `model`'s). Other keyword arguments go to `DistributedLion` (and so to
-    `lion_dist.Lion`).
+    inside each replica: `opt = setup(model, process_group=mesh.get_group("replicate"), lr=...)`; add
+    `overlap_bucket_elements=OVERLAP_BUCKET` to start the votes during backward when nothing changes the gradients
+    between backward and `step()` (no gradient clipping). `params`: the params or param groups to optimize
+    (default: all of `model`'s). Other keyword arguments go to `DistributedLion` (and so to `lion_dist.Lion`).
     """
     group = enable(model)
     if process_group is None:
@@ -133,8 +133,6 @@ def setup(
             )
         process_group = group
     params = model.parameters() if params is None else params
-    if isinstance(model, FSDPModule) and lion_kwargs.get("nonfinite", "ignore") == "ignore":
-        lion_kwargs.setdefault("overlap_bucket_elements", OVERLAP_BUCKET)
     return DistributedLion(params, process_group=process_group, **lion_kwargs)
 
 
@@ -156,9 +154,10 @@ class DistributedLion(Lion):
         transport: "auto" (fewer bytes, see `wire.choose_transport`), "gather" (all-gather of packed bits) or
             "reduce" (all-reduce of integer votes). All give the same params.
         overlap_bucket_elements: start the votes while backward still runs, as FSDP2 finishes each param's
-            sharded gradient, this many votes per collective (`overlap.py`; FSDP2 params only, with
-            `nonfinite="ignore"`); None (the default): every vote in one collective at `step()`. The params
-            are the same either way.
+            sharded gradient, this many votes per collective (`overlap.py`; FSDP2 params, `nonfinite="ignore"`).
+            The direction then uses the gradient as backward left it: nothing may change it before `step()`
+            (no gradient clipping, whose norm needs every gradient first). None (the default): every vote in one
+            collective at `step()`. The params are the same either way.
     """
 
     def __init__(

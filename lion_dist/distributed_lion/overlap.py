@@ -11,6 +11,8 @@ each element's vote sum does not depend on how elements are bucketed, and every 
 same order (the same model runs the same backward). FSDP2 runs the hooks only when it reduces, so with gradient
 accumulation (`set_requires_gradient_sync(False)` for all but the last micro-batch) they fire once per step.
 A param whose hook did not fire (a gradient set by hand) gets its direction at `step()`, as without overlap.
+The direction uses the gradient as backward leaves it: code that changes gradients between backward and `step()`
+(gradient clipping, whose norm needs every gradient first) must not overlap.
 """
 
 from __future__ import annotations

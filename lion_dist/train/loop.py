@@ -167,7 +167,8 @@ class _Run:
             self.optimizer: Optimizer = DistributedLion(
                 groups,
                 process_group=self.mesh.get_group("replicate"),
-                overlap_bucket_elements=OVERLAP_BUCKET,  # votes start as FSDP2 finishes each unit's gradients
+                # votes start as FSDP2 finishes each unit's gradients, unless clipping must see them all first
+                overlap_bucket_elements=None if cfg.grad_clip else OVERLAP_BUCKET,
                 lr=self.lr,
                 betas=self.betas,
                 weight_decay=self.wd,
