@@ -214,7 +214,8 @@ class LocalVote(DirectionExchange):
     def active(self) -> bool:
         return True
 
-    def exchange(self, bound, args, groups, directions) -> list[list[torch.Tensor] | None]:
+    def exchange(self, bound, args, groups) -> list[list[torch.Tensor] | None]:
+        directions = [b.direction(a) for b, a in zip(bound, args, strict=True)]
         return [[(d > 0).float() - (d < 0).float() for d in ds] for ds in directions]
 
 
