@@ -114,8 +114,9 @@ static const segment_fn SEGMENTS[3][64] = {
 
 /* ------------------------------------------------------------------ the split step (Distributed Lion) */
 
-/* The first half: the sign of c = b1 m + (1 - b1) g as int8 (+1, -1, 0 for +-0 and NaN: Distributed Lion reads
- * only `< 0` and `> 0`), the momentum advanced as in the fused step. The param's dtype does not matter. */
+/* The first half: the sign of c = b1 m + (1 - b1) g as int8: +1, -1, and 0 for +-0 and where the spec's
+ * sign(c) + 0 * c is NaN (c NaN or Inf): Distributed Lion reads only `< 0` and `> 0`, and a NaN reads as neither.
+ * The momentum advances as in the fused step. The param's dtype does not matter. */
 #define DIRECTION_SEGMENT(G, M)                                                                                   \
     static void dir_##G##_##M(const tensor_view *a, int64_t i0, int64_t i1, const lion_hp *hp) {                 \
         LION_SCALARS(hp);                                                                                         \
@@ -125,7 +126,7 @@ static const segment_fn SEGMENTS[3][64] = {
         for (int64_t i = i0; i < i1; i++) {                                                                       \
             const float g = LOAD(G, g_, i), m = LOAD(M, m_, i);                                                   \
             const float c = fmaf(g, omb1, m * b1);                                                                \
-            d[i] = (int8_t)((c > 0.0f) - (c < 0.0f));                                                             \
+            d[i] = (int8_t)(fabsf(c) <= FLT_MAX ? (c > 0.0f) - (c < 0.0f) : 0); /* Inf, NaN: the spec's NaN */    \
             STORE(M, m_, i, fmaf(g, omb2, m * b2));                                                               \
         }                                                                                                         \
     }
