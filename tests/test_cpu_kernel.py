@@ -373,12 +373,15 @@ def test_a_compile_error_is_reported_with_the_compiler_output(monkeypatch, tmp_p
 
 
 def test_benchmark_script_runs_and_reports_missing_peers(monkeypatch, tmp_path: Path) -> None:
-    """`benchmarks/step.py --smoke` end to end, with lion-pytorch made unimportable: reported, not fatal."""
+    """`benchmarks/step.py --smoke` end to end, with lion-pytorch and deepspeed made unimportable (a GPU image
+    lacks them): reported, not fatal; every option gets its ratio to the fused fp32 step of the same rounds."""
     step = benchmark_script("step")
     monkeypatch.setitem(sys.modules, "lion_pytorch", None)  # import lion_pytorch now raises ImportError
+    monkeypatch.setitem(sys.modules, "deepspeed", None)
     monkeypatch.setenv("DS_ACCELERATOR", "cpu")  # what the script sets on CPU; restored afterwards
     out = tmp_path / "result.json"
     argv = ["--smoke", "--device", "cpu", "--workloads", "W1,W3", "--peers", "foreach,skip,functional,lion-pytorch"]
+    argv[-1] += ",stochastic,compensation,int8,DeepSpeed"
     report = step.main([*argv, "--json", str(out)])
     names = {(r.workload, r.dtype, r.optimizer) for r in report.rows if r.ms is not None and r.ms > 0}
     for workload, dtype in itertools.product(["W1", "W3"], ["fp32", "bf16"]):
@@ -390,7 +393,17 @@ def test_benchmark_script_runs_and_reports_missing_peers(monkeypatch, tmp_path: 
         ):
             assert (workload, dtype, optimizer) in names
     assert "not installed" in report.not_run["lion-pytorch Lion"]
+    assert "not installed" in report.not_run["DeepSpeedCPULion"]
     assert "needs a CUDA GPU" in report.not_run["DeepSpeed FusedLion"]
+    ratios = {(r.workload, r.dtype, r.optimizer): r.ratio_fp32 for r in report.rows}
+    for workload in ("W1", "W3"):
+        for option in (step.INT8, step.INT8_NEAREST):
+            assert ratios[workload, "fp32", option] > 0 and ratios[workload, "bf16", option] > 0
+        for option in (step.STOCHASTIC, step.COMPENSATION, step.COMPENSATION_INT8):
+            assert ratios[workload, "bf16", option] > 0 and (workload, "fp32", option) not in ratios  # bf16 only
+        assert ratios[workload, "bf16", step.FP32_BASE] == 1.0
+    summary = step.markdown(report)
+    assert "| W3 | bf16 |" in summary and "| compensation + int8 |" in summary
     assert report.machine["cpu_kernel_build_s"] > 0
     saved = json.loads(out.read_text())
     assert "| lion_dist foreach |" in saved["markdown"] and len(saved["rows"]) == len(report.rows)
