@@ -9,19 +9,20 @@ tensors, 124M elements; CPU: 10 GPT-2 blocks at width 448, 120 tensors, 24M elem
 W2u is W2 with its first tensor a view into a flat buffer one element off 16-byte alignment (as in a flat
 parameter), so that tensor takes the kernels' unaligned variant while the rest of its bucket stays aligned.
 Params and grads share a dtype (fp32 or bf16); every optimizer keeps its default state dtype, except the
-lion_dist rows that name another: bf16 momentum, int8 momentum (codes and a scale per 128 elements; its bytes
-moved count the scales) and, for bf16 params, int8 momentum with a Kahan compensation buffer.
+lion_dist rows that name another: bf16, fp32 or int8 momentum (codes and a scale per 128 elements; its bytes
+moved count the scales) and, for bf16 params, stochastic rounding, a Kahan compensation buffer, and both int8
+momentum and compensation.
 
-For each optimizer: the median `step()` time, the ratio to lion_dist (its default backend, nonfinite="ignore": above 1
-means slower than lion_dist), the ratio to lion_dist's fused step on fp32 params timed in the same rounds ("x fp32";
-bf16 workloads time an fp32 copy of the params for it), the GB/s it achieves counting the bytes its algorithm must move (Lion: read p, g, m and
-write p, m; AdamW: also v), that as a % of the in-place add and copy bandwidths measured on a buffer of the same size,
-its optimizer state bytes, and the peak extra memory during one step (CUDA: max_memory_allocated; CPU: the growth of the
-process's resident-set high-water mark, reset through /proc/self/clear_refs). The "bandwidth floor" row is the time
-Lion's bytes take at that add bandwidth. Optimizers that cannot run here (no GPU, a package or a compiler missing,
-a failed build) are listed with the reason; nothing fails the run (deepspeed and lion-pytorch are optional).
-A summary then lists every memory-saving option (bf16 and int8 momentum, stochastic rounding, Kahan compensation,
-compensation with int8) and DeepSpeedCPULion as "x fp32" per workload and param dtype.
+For each optimizer: the median `step()` time, the ratio to lion_dist (its default backend, nonfinite="ignore":
+above 1 means slower than lion_dist), the ratio to lion_dist's fused step on fp32 params timed in the same rounds
+("x fp32"; bf16 workloads time an fp32 copy of the params for it), the GB/s it achieves counting the bytes its
+algorithm must move (Lion: read p, g, m and write p, m; AdamW: also v), that as a % of the in-place add and copy
+bandwidths measured on a buffer of the same size, its optimizer state bytes, and the peak extra memory during one
+step (CUDA: max_memory_allocated; CPU: the growth of the process's resident-set high-water mark, reset through
+/proc/self/clear_refs). The "bandwidth floor" row is the time Lion's bytes take at that add bandwidth. Optimizers
+that cannot run here (no GPU, a package or a compiler missing, a failed build) are listed with the reason;
+nothing fails the run (deepspeed and lion-pytorch are optional: a GPU image may lack them). A summary then lists
+every memory-saving option and DeepSpeedCPULion as "x fp32", one line per workload and param dtype.
 
 The host-cost rows (leave them out with --no-host; `--workloads ""` runs only them) time the Python and launch
 work of a step, in CPU time of the stepping thread (so other processes on the machine do not count): a whole
