@@ -27,7 +27,10 @@ SOURCE = Path(__file__).with_name("lion.c")  # it includes the headers beside it
 ABI_VERSION = 8
 # -ffp-contract=off: no fma the reference does not have; -funroll-loops: more loads in flight, a faster step.
 _FLAGS = ("-O3", "-funroll-loops", "-ffp-contract=off", "-fno-math-errno", "-fPIC", "-shared", "-pthread")
-_NATIVE = ("-march=native",)
+# On x86, 512-bit vectors where the CPU has them: gcc's tuning for recent Intel server parts prefers 256-bit ones,
+# which doubles the instructions of the bf16 and int8 loops (DeepSpeed's CPU Lion uses 512-bit intrinsics).
+_X86 = platform.machine().lower() in ("x86_64", "amd64")
+_NATIVE = ("-march=native", "-mprefer-vector-width=512") if _X86 else ("-march=native",)
 
 
 class CpuKernelUnavailableError(RuntimeError):

@@ -25,11 +25,19 @@
 #include "philox.h"
 
 #define LION_ABI 8
+#ifndef ALIGN_ELEMS
 #define ALIGN_ELEMS 64 /* chunks start at multiples of 64 elements of a tensor: no cache line in two chunks */
+#endif
+#ifndef MIN_PER_THREAD
 #define MIN_PER_THREAD 32768 /* fewer elements per thread: another thread costs more than it saves */
+#endif
 #define MAX_THREADS 256
+#ifndef CHUNKS_PER_THREAD
 #define CHUNKS_PER_THREAD 8 /* a delayed thread leaves its chunks to the others */
+#endif
+#ifndef NOISE_TILE
 #define NOISE_TILE 1024 /* elements whose noise is drawn at once: a 2 KiB buffer that stays in L1 */
+#endif
 
 /* One tensor of a call, as its loop sees it. */
 typedef struct {
@@ -65,10 +73,14 @@ typedef void (*segment_fn)(const tensor_view *, int64_t, int64_t, const lion_hp 
             /* element i's noise is noise[off + i] */                                                             \
             const int64_t off = (W) == STOCHASTIC ? fill_noise(noise, &a->ns, a->ns.base + t, len) - t : 0;       \
             (void)off;                                                                                            \
-            for (int64_t i = t; i < t + len; i++) {                                                               \
+            int64_t i = t;                                                                                        \
+            if ((P) == BF16 && (G) == BF16 && (M) == BF16) { /* bf16 params' default: two elements per word */    \
+                for (; i + 1 < t + len; i += 2) LION_BF16_PAIR(W, p_, g_, m_, c_, i, PAIR(noise, off + i));       \
+            }                                                                                                     \
+            for (; i < t + len; i++) {                                                                            \
                 const float g = LOAD(G, g_, i), m = LOAD(M, m_, i), p = LOAD_PARAM(P, W, p_, c_, i);              \
                 LION_UPDATE(p, g, m);                                                                             \
-                STORE_PARAM(P, W, p_, c_, i, p_new, noise[off + i]);                                                       \
+                STORE_PARAM(P, W, p_, c_, i, p_new, noise[off + i]);                                              \
                 STORE(M, m_, i, m_new);                                                                           \
             }                                                                                                     \
         }                                                                                                         \

@@ -47,12 +47,12 @@ static inline uint16_t to_bf16(float f) {
     return (uint16_t)(f != f ? 0x7fc0u : rounded);
 }
 
-/* Stochastic rounding to bf16: add 16 random low bits, then truncate (unbiased); Inf and NaN round to nearest. */
-static inline uint16_t to_bf16_stochastic(float f, uint32_t noise) {
-    const uint32_t b = bits_from_f32(f);
-    const uint16_t rounded = (uint16_t)((b + noise) >> 16);
-    return ((b & 0x7f800000u) == 0x7f800000u) ? to_bf16(f) : rounded;
-}
+/* Stochastic rounding to bf16: add 16 random low bits, then truncate (unbiased). The spec rounds Inf and NaN to
+ * nearest instead; truncation gives the same: an Inf's low bits are zero, so it stays Inf, and the values written
+ * here are results of arithmetic, whose NaNs are quiet (bit 22 set), so no carry reaches the exponent and a NaN
+ * stays a NaN (its payload may differ, as torch's may). Finite values that round up past the largest bf16 become
+ * Inf, as in the spec. */
+static inline uint16_t to_bf16_stochastic(float f, uint32_t noise) { return (uint16_t)((bits_from_f32(f) + noise) >> 16); }
 
 /* Element loads and stores by dtype code T (a constant in every loop, so the branches fold away). F64 appears
  * only where fp64 params meet fp32 math (an fp32 direction applied to them, as the spec does: math in u's dtype). */
@@ -96,6 +96,22 @@ static inline uint16_t to_bf16_stochastic(float f, uint32_t noise) {
         }                                                                                                     \
     } while (0)
 
+/* Two bf16 elements in one 32-bit word (little-endian: element i in the low half, i + 1 in the high half). Loops
+ * whose operands are all 16-bit process them so: widening is a shift or a mask and narrowing a shift or a mask and
+ * an or, where one element per lane costs the vectorized loop zero-extensions and cross-lane packs. Words start at
+ * any element, so they are read and written unaligned. */
+typedef uint32_t u32_pair __attribute__((aligned(2), may_alias));
+#define PAIR(ptr, i) (*(u32_pair *)((uint16_t *)(ptr) + (i)))
+#define PAIR_IN(ptr, i) (*(const u32_pair *)((const uint16_t *)(ptr) + (i)))
+#define BF16_LO(w) f32_from_bits((w) << 16)
+#define BF16_HI(w) f32_from_bits((w) & 0xffff0000u)
+
+static inline uint32_t bf16_pair(float lo, float hi) { return (uint32_t)to_bf16(lo) | (uint32_t)to_bf16(hi) << 16; }
+
+static inline uint32_t bf16_pair_stochastic(float lo, float hi, uint32_t noise) {
+    return (uint32_t)to_bf16_stochastic(lo, noise & 0xffffu) | (uint32_t)to_bf16_stochastic(hi, noise >> 16) << 16;
+}
+
 /* sign(c) + 0 * c (spec.lion_reference): +-1 with c's sign, +0 for +-0, NaN for NaN or Inf (c != 0 holds for
  * NaN), so a non-finite value makes the param NaN instead of silently freezing it. */
 static inline float lion_sign(float c) {
@@ -117,5 +133,38 @@ static inline float lion_sign(float c) {
     const float u = lion_sign(fmaf((g), omb1, (m) * b1));                                                     \
     const float p_new = fmaf(u, neg_lr, has_decay ? (p) * decay : (p));                                       \
     const float m_new = fmaf((g), omb2, (m) * b2)
+
+/* LION_UPDATE on the two bf16 elements of words i, i + 1 of the param, grad and momentum (and compensation), written
+ * back as STORE_PARAM and STORE would write them; noise_word: their two 16-bit noises (STOCHASTIC). */
+#define LION_BF16_PAIR(W, p_, g_, m_, c_, i, noise_word)                                                      \
+    do {                                                                                                      \
+        const uint32_t pw_ = PAIR(p_, i), gw_ = PAIR_IN(g_, i), mw_ = PAIR(m_, i);                            \
+        const uint32_t cw_ = (W) == KAHAN ? PAIR(c_, i) : 0;                                                  \
+        const float p_lo_ = (W) == KAHAN ? BF16_LO(pw_) + BF16_LO(cw_) : BF16_LO(pw_);                        \
+        const float p_hi_ = (W) == KAHAN ? BF16_HI(pw_) + BF16_HI(cw_) : BF16_HI(pw_);                        \
+        float lo_p_, lo_m_, hi_p_, hi_m_;                                                                     \
+        {                                                                                                     \
+            LION_UPDATE(p_lo_, BF16_LO(gw_), BF16_LO(mw_));                                                   \
+            lo_p_ = p_new, lo_m_ = m_new;                                                                     \
+        }                                                                                                     \
+        {                                                                                                     \
+            LION_UPDATE(p_hi_, BF16_HI(gw_), BF16_HI(mw_));                                                   \
+            hi_p_ = p_new, hi_m_ = m_new;                                                                     \
+        }                                                                                                     \
+        PAIR(m_, i) = bf16_pair(lo_m_, hi_m_);                                                                \
+        STORE_PARAM_PAIR(W, p_, c_, i, lo_p_, hi_p_, noise_word);                                             \
+    } while (0)
+
+/* The bf16 param (and compensation) of words i, i + 1 from the math-type lo and hi, as STORE_PARAM writes them. */
+#define STORE_PARAM_PAIR(W, p_, c_, i, lo, hi, noise_word)                                                    \
+    do {                                                                                                      \
+        if ((W) == STOCHASTIC) {                                                                              \
+            PAIR(p_, i) = bf16_pair_stochastic((lo), (hi), (noise_word));                                     \
+        } else {                                                                                              \
+            const uint32_t rounded_ = bf16_pair((lo), (hi));                                                  \
+            PAIR(p_, i) = rounded_;                                                                           \
+            if ((W) == KAHAN) PAIR(c_, i) = bf16_pair((lo) - BF16_LO(rounded_), (hi) - BF16_HI(rounded_));    \
+        }                                                                                                     \
+    } while (0)
 
 #endif
