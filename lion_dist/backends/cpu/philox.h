@@ -9,8 +9,9 @@
  * well (gcc 12 widens them to 64-bit multiplies and permutes). So the counters run side by side, one per
  * 64-bit lane, with the unsigned even-lane multiply (AVX-512F: 8 counters per register, AVX2: 4), which takes
  * the low 32 bits of each lane and gives the full 64-bit product: its high half is the next word's input and
- * the lane's low half the other. A lane's upper 32 bits are never cleared: the multiply ignores them, and
- * the xor only spoils upper halves, which the store drops. Without AVX2 (a portable build) the same lanes run
+ * the lane's low half the other. The high half is brought down by swapping the lane's halves (a shuffle, which
+ * Intel cores run beside the multiplies; a shift would queue with them). A lane's upper 32 bits are never
+ * cleared: the multiply ignores them, and the xor only spoils upper halves, which the store drops. Without AVX2 (a portable build) the same lanes run
  * as plain C. Which one the build took is compiled in (the library is built for this CPU and cached per CPU);
  * all three are tested against lion_dist.spec.sr_noise.
  */
@@ -55,8 +56,8 @@ static inline void philox16(u32_alias *out, uint64_t first, const noise_stream *
         for (int h = 0; h < 2; h++) {
             const __m512i p0 = _mm512_mul_epu32(x0[h], a), p2 = _mm512_mul_epu32(x2[h], b);
             /* 0x96: a ^ b ^ c */
-            x0[h] = _mm512_ternarylogic_epi64(_mm512_srli_epi64(p2, 32), x1[h], key0, 0x96);
-            x2[h] = _mm512_ternarylogic_epi64(_mm512_srli_epi64(p0, 32), x3[h], key1, 0x96);
+            x0[h] = _mm512_ternarylogic_epi64(_mm512_shuffle_epi32(p2, _MM_PERM_CDAB), x1[h], key0, 0x96);
+            x2[h] = _mm512_ternarylogic_epi64(_mm512_shuffle_epi32(p0, _MM_PERM_CDAB), x3[h], key1, 0x96);
             x1[h] = p2, x3[h] = p0;
         }
         k0 += PHILOX_KA, k1 += PHILOX_KB;
@@ -87,8 +88,8 @@ static inline void philox16(u32_alias *out, uint64_t first, const noise_stream *
         const __m256i key0 = _mm256_set1_epi64x(k0), key1 = _mm256_set1_epi64x(k1);
         for (int h = 0; h < 4; h++) {
             const __m256i p0 = _mm256_mul_epu32(x0[h], a), p2 = _mm256_mul_epu32(x2[h], b);
-            x0[h] = _mm256_xor_si256(_mm256_xor_si256(_mm256_srli_epi64(p2, 32), x1[h]), key0);
-            x2[h] = _mm256_xor_si256(_mm256_xor_si256(_mm256_srli_epi64(p0, 32), x3[h]), key1);
+            x0[h] = _mm256_xor_si256(_mm256_xor_si256(_mm256_shuffle_epi32(p2, 0xB1), x1[h]), key0);
+            x2[h] = _mm256_xor_si256(_mm256_xor_si256(_mm256_shuffle_epi32(p0, 0xB1), x3[h]), key1);
             x1[h] = p2, x3[h] = p0;
         }
         k0 += PHILOX_KA, k1 += PHILOX_KB;
