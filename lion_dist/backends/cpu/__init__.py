@@ -49,6 +49,7 @@ class _Int8Table:
     blocks: array  # per tensor: row length (the last dim), elements per scale
     streams: array  # per tensor: param id, base, shard, shard | MOMENTUM_STREAM
     index: list[int]  # positions in the entry list (and in `grads`)
+    compensated: bool = False  # some entry has a compensation buffer (else the kernel gets a NULL table)
 
 
 @dataclass
@@ -169,6 +170,7 @@ class CpuFusedBackend(Backend):
                     int8.q_ptrs.append(m.data_ptr())
                     int8.s_ptrs.append(e.state[1].data_ptr())
                     int8.c_ptrs.append(0 if c is None else c.data_ptr())
+                    int8.compensated |= c is not None
                     int8.offsets.append(int8.offsets[-1] + p.numel())
                     int8.codes.append(INT8_CODES[p.dtype, e.grad_dtype])
                     int8.blocks.extend((p.shape[-1] if p.dim() else 1, e.format.block))
@@ -224,7 +226,7 @@ class CpuFusedBackend(Backend):
                 address(int8_g_ptrs),
                 address(int8.q_ptrs),
                 address(int8.s_ptrs),
-                address(int8.c_ptrs) if any(int8.c_ptrs) else None,
+                address(int8.c_ptrs) if int8.compensated else None,
                 address(int8.offsets),
                 address(int8.codes),
                 address(int8.blocks),

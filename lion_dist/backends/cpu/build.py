@@ -1,11 +1,16 @@
 """Building the fused CPU kernel (`lion.c`): the system C compiler, once per machine, cached.
 
-It compiles in about a second with `$CC` (else `cc`, `gcc` or `clang`), whereas compiling a multi-tensor step
+It compiles in a few seconds with `$CC` (else `cc`, `gcc` or `clang`), whereas compiling a multi-tensor step
 with inductor takes minutes for thousands of tensors. The library is built with `-march=native` for this CPU and
 cached under `$LION_DIST_CACHE` (default `$XDG_CACHE_HOME/lion_dist`, i.e. `~/.cache/lion_dist`), keyed by the
-source, the compiler, the CPU and the OpenMP runtime; a build writes a temporary file and renames it into place,
-so processes building at the same time never load a half-written library. When torch has loaded an OpenMP runtime
-the kernel links to exactly that file, so its threads are torch's threads.
+sources (`lion.c` and its headers), the compiler, the CPU and the OpenMP runtime; a build writes a temporary file
+and renames it into place, so processes building at the same time never load a half-written library. When torch
+has loaded an OpenMP runtime the kernel links to exactly that file, so its threads are torch's threads.
+
+Loading a library runs its code, so the directory is this user's alone: created 0700, and a directory or library
+that another user owns or can write is refused with an error naming it and the fix. That matters most for the
+fallback in the shared temporary directory (`<tmp>/lion_dist-<uid>`, used when the cache is not writable), where
+anyone could create the directory first and plant a library of the expected name.
 """
 
 from __future__ import annotations

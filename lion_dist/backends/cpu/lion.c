@@ -25,6 +25,7 @@
 #include "philox.h"
 
 #define LION_ABI 8
+/* Tuning constants; -D overrides them for experiments (they change speed, never results). */
 #ifndef ALIGN_ELEMS
 #define ALIGN_ELEMS 64 /* chunks start at multiples of 64 elements of a tensor: no cache line in two chunks */
 #endif
