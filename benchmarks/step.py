@@ -9,16 +9,20 @@ tensors, 124M elements; CPU: 10 GPT-2 blocks at width 448, 120 tensors, 24M elem
 W2u is W2 with its first tensor a view into a flat buffer one element off 16-byte alignment (as in a flat
 parameter), so that tensor takes the kernels' unaligned variant while the rest of its bucket stays aligned.
 Params and grads share a dtype (fp32 or bf16); every optimizer keeps its default state dtype, except the
-lion_dist rows that name another: bf16 momentum, int8 momentum (codes and a scale per 128 elements; its bytes
-moved count the scales) and, for bf16 params, int8 momentum with a Kahan compensation buffer.
+lion_dist rows that name another: bf16, fp32 or int8 momentum (codes and a scale per 128 elements; its bytes
+moved count the scales) and, for bf16 params, stochastic rounding, a Kahan compensation buffer, and both int8
+momentum and compensation.
 
-For each optimizer: the median `step()` time, the ratio to lion_dist (its default backend, nonfinite="ignore": above 1
-means slower than lion_dist), the GB/s it achieves counting the bytes its algorithm must move (Lion: read p, g, m and
-write p, m; AdamW: also v), that as a % of the in-place add and copy bandwidths measured on a buffer of the same size,
-its optimizer state bytes, and the peak extra memory during one step (CUDA: max_memory_allocated; CPU: the growth of the
-process's resident-set high-water mark, reset through /proc/self/clear_refs). The "bandwidth floor" row is the time
-Lion's bytes take at that add bandwidth. Optimizers that cannot run here (no GPU, a package or a compiler missing,
-a failed build) are listed with the reason; nothing fails the run.
+For each optimizer: the median `step()` time, the ratio to lion_dist (its default backend, nonfinite="ignore":
+above 1 means slower than lion_dist), the ratio to lion_dist's fused step on fp32 params timed in the same rounds
+("x fp32"; bf16 workloads time an fp32 copy of the params for it), the GB/s it achieves counting the bytes its
+algorithm must move (Lion: read p, g, m and write p, m; AdamW: also v), that as a % of the in-place add and copy
+bandwidths measured on a buffer of the same size, its optimizer state bytes, and the peak extra memory during one
+step (CUDA: max_memory_allocated; CPU: the growth of the process's resident-set high-water mark, reset through
+/proc/self/clear_refs). The "bandwidth floor" row is the time Lion's bytes take at that add bandwidth. Optimizers
+that cannot run here (no GPU, a package or a compiler missing, a failed build) are listed with the reason;
+nothing fails the run (deepspeed and lion-pytorch are optional: a GPU image may lack them). A summary then lists
+every memory-saving option and DeepSpeedCPULion as "x fp32", one line per workload and param dtype.
 
 The host-cost rows (leave them out with --no-host; `--workloads ""` runs only them) time the Python and launch
 work of a step, in CPU time of the stepping thread (so other processes on the machine do not count): a whole
@@ -57,6 +61,27 @@ from lion_dist.spec import LionHyperparams
 
 LR, WD, BETAS = 1e-4, 0.01, (0.9, 0.99)
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+# The memory-saving options, each timed as a ratio to the fused step on fp32 params in the same rounds (`summary`).
+BF16_MOMENTUM = "lion_dist auto, momentum_dtype=bf16"
+INT8 = "lion_dist auto, momentum_dtype=int8"
+INT8_NEAREST = "lion_dist auto, momentum_dtype=int8, int8_rounding=nearest"
+STOCHASTIC = "lion_dist auto, stochastic_rounding=True"
+COMPENSATION = "lion_dist auto, compensation=True"
+COMPENSATION_INT8 = "lion_dist auto, int8 momentum, compensation=True"
+DEEPSPEED_CPU = "DeepSpeedCPULion"
+FP32_BASE = "lion_dist fused step on fp32 params (the x fp32 base)"
+DEFAULT_PREFIX = "lion_dist (auto: "  # the default optimizer's row: the "x lion_dist" base
+SUMMARY_COLUMNS = {  # column -> optimizer row
+    "bf16 momentum": BF16_MOMENTUM,
+    "int8, nearest": INT8_NEAREST,
+    "int8, stochastic (default)": INT8,
+    "stochastic rounding": STOCHASTIC,
+    "compensation": COMPENSATION,
+    "compensation + int8": COMPENSATION_INT8,
+    "DeepSpeedCPULion": DEEPSPEED_CPU,
+}
 
 
 class Unavailable(Exception):
@@ -158,6 +183,8 @@ def _deepspeed(cls_name: str) -> Callable:
     def make(params):
         try:
             from deepspeed.ops import lion
+        except ImportError as e:
+            raise Unavailable(f"deepspeed is not installed ({e}); pip install deepspeed") from e
         except Exception as e:  # deepspeed raises more than ImportError when its accelerator is unusable
             raise Unavailable(f"deepspeed does not import: {type(e).__name__}: {e}") from e
         cls = getattr(lion, cls_name)
@@ -177,16 +204,20 @@ def peers(device: str, quick: bool) -> tuple[list[Peer], list[tuple[str, str]]]:
     """The optimizers to time on `device`, and (name, reason) for those that cannot run on it."""
     skipped: list[tuple[str, str]] = []
     auto = backends.select("auto", Need(device, (torch.float32,) * 3))
-    run = [Peer(f"lion_dist (auto: {auto})", "lion", _lion_dist("auto"), True)]
+    run = [Peer(f"{DEFAULT_PREFIX}{auto})", "lion", _lion_dist("auto"), True)]
     run.append(Peer("lion_dist auto, nonfinite='skip'", "lion", _lion_dist("auto", "skip")))
     sr = _lion_dist("auto", stochastic_rounding=True)
-    run.append(Peer("lion_dist auto, stochastic_rounding=True", "lion", sr, dtypes=("bf16",)))  # SR: bf16 params only
-    run.append(Peer("lion_dist auto, momentum_dtype=bf16", "lion", _lion_dist("auto", momentum_dtype="bf16")))
-    run.append(Peer("lion_dist auto, momentum_dtype=int8", "lion", _lion_dist("auto", momentum_dtype="int8")))
+    run.append(Peer(STOCHASTIC, "lion", sr, dtypes=("bf16",)))  # SR: bf16 params only
+    run.append(Peer(BF16_MOMENTUM, "lion", _lion_dist("auto", momentum_dtype="bf16")))
+    run.append(Peer(INT8, "lion", _lion_dist("auto", momentum_dtype="int8")))
     int8_nearest = _lion_dist("auto", momentum_dtype="int8", int8_rounding="nearest")
-    run.append(Peer("lion_dist auto, momentum_dtype=int8, int8_rounding=nearest", "lion", int8_nearest))
+    run.append(Peer(INT8_NEAREST, "lion", int8_nearest))
+    comp = _lion_dist("auto", compensation=True)
+    run.append(Peer(COMPENSATION, "lion", comp, dtypes=("bf16",)))  # Kahan compensation: bf16 params only
     int8_comp = _lion_dist("auto", momentum_dtype="int8", compensation=True)
-    run.append(Peer("lion_dist auto, int8 momentum, compensation=True", "lion", int8_comp, dtypes=("bf16",)))
+    run.append(Peer(COMPENSATION_INT8, "lion", int8_comp, dtypes=("bf16",)))
+    fp32_momentum = _lion_dist("auto", momentum_dtype=torch.float32)
+    run.append(Peer("lion_dist auto, momentum_dtype=fp32", "lion", fp32_momentum, dtypes=("bf16",)))
     run.append(Peer("lion_dist functional.lion only (no optimizer)", "lion", FunctionalLion))
     run.append(Peer("lion_dist foreach", "lion", _lion_dist("foreach")))
     if quick:
@@ -207,7 +238,7 @@ def peers(device: str, quick: bool) -> tuple[list[Peer], list[tuple[str, str]]]:
         skipped.append(("DeepSpeedCPULion", "CPU optimizer (offload); this run is on the GPU"))
     else:
         run += [
-            Peer("DeepSpeedCPULion", "lion", _deepspeed("DeepSpeedCPULion")),
+            Peer(DEEPSPEED_CPU, "lion", _deepspeed("DeepSpeedCPULion")),
             Peer("torch AdamW foreach", "adamw", _adamw(foreach=True)),
             Peer("torch AdamW fused", "adamw", _adamw(fused=True)),
         ]
@@ -293,6 +324,7 @@ class Row:
     optimizer: str
     ms: float | None = None
     ratio: float | None = None
+    ratio_fp32: float | None = None  # to the fused step on fp32 params, timed in the same rounds
     gbs: float | None = None
     pct_add_bw: float | None = None
     pct_copy_bw: float | None = None
@@ -342,6 +374,14 @@ def bench_workload(name: str, shapes, dtype_name: str, device: str, repeats: int
     a, b = torch.randn(numel, device=device), torch.randn(numel, device=device)
     timed: dict[str, Callable[[], object]] = {"add probe": lambda: a.add_(b), "copy probe": lambda: a.copy_(b)}
     opts: dict[str, torch.optim.Optimizer] = {}
+    if dtype_name != "fp32":  # the base of the "x fp32" ratios: the fused step on fp32 params, in the same rounds
+        fp32_params = make_params(shapes, torch.float32, device, torch.Generator(device=device).manual_seed(0), False)
+        try:
+            fp32_base = _lion_dist("auto")(fp32_params)
+            fp32_base.step()
+            timed[FP32_BASE] = fp32_base.step
+        except Exception as e:
+            _record_failure(report, FP32_BASE, e)
     for peer in peer_list:
         gc.collect()
         try:
@@ -383,6 +423,7 @@ def bench_workload(name: str, shapes, dtype_name: str, device: str, repeats: int
             }
     del opts
     base = next((results[p.name] for p in peer_list if p.baseline and p.name in results), None)
+    fp32_ms = ms.get(FP32_BASE, base["ms"] if base and dtype_name == "fp32" else None)
     for peer in peer_list:
         r = results.get(peer.name)
         if r is None:
@@ -395,12 +436,17 @@ def bench_workload(name: str, shapes, dtype_name: str, device: str, repeats: int
                 peer.name,
                 ms=r["ms"],
                 ratio=r["ms"] / base["ms"] if base else None,
+                ratio_fp32=r["ms"] / fp32_ms if fp32_ms else None,
                 gbs=gbs,
                 pct_add_bw=100 * gbs / add_gbs,
                 pct_copy_bw=100 * gbs / copy_gbs,
                 state_mb=r["state"] / 2**20,
                 peak_extra_mb=None if r["extra"] is None else r["extra"] / 2**20,
             )
+        )
+    if FP32_BASE in ms:
+        report.rows.append(
+            Row(name, dtype_name, FP32_BASE, ms=fp32_ms, ratio=fp32_ms / base["ms"] if base else None, ratio_fp32=1.0)
         )
     if base:
         floor_ms = base["bytes"] / add_gbs / 1e6
@@ -538,15 +584,17 @@ def markdown(report: Report) -> str:
         )
         out.append("")
         out.append(
-            "| optimizer | median ms | x lion_dist | GB/s | % of add bw | % of copy bw | state MiB | peak extra MiB |"
+            "| optimizer | median ms | x lion_dist | x fp32 | GB/s | % of add bw | % of copy bw | state MiB | "
+            "peak extra MiB |"
         )
-        out.append("|---|---:|---:|---:|---:|---:|---:|---:|")
+        out.append("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
         for r in rows:
             out.append(
-                f"| {r.optimizer} | {_fmt(r.ms, '.2f')} | {_fmt(r.ratio, '.2f')} | {_fmt(r.gbs, '.1f')} | "
-                f"{_fmt(r.pct_add_bw, '.0f')} | {_fmt(r.pct_copy_bw, '.0f')} | {_fmt(r.state_mb, '.1f')} | "
-                f"{_fmt(r.peak_extra_mb, '.1f')} |"
+                f"| {r.optimizer} | {_fmt(r.ms, '.2f')} | {_fmt(r.ratio, '.2f')} | {_fmt(r.ratio_fp32, '.2f')} | "
+                f"{_fmt(r.gbs, '.1f')} | {_fmt(r.pct_add_bw, '.0f')} | {_fmt(r.pct_copy_bw, '.0f')} | "
+                f"{_fmt(r.state_mb, '.1f')} | {_fmt(r.peak_extra_mb, '.1f')} |"
             )
+    out += summary(report)
     if report.host:
         out.append("")
         out.append("### Host cost per step (CPU time of the stepping thread, median; new gradient tensors each step)")
@@ -566,6 +614,34 @@ def markdown(report: Report) -> str:
         out.append("Not run:")
         out += [f"- {name}: {reason}" for name, reason in report.not_run.items()]
     return "\n".join(out)
+
+
+def summary(report: Report) -> list[str]:
+    """The memory-saving options (and DeepSpeedCPULion) as ratios to the fused step on fp32 params, timed in the
+    same rounds: one line per workload and param dtype."""
+    by_case: dict[tuple[str, str], dict[str, Row]] = {}
+    for row in report.rows:
+        by_case.setdefault((row.workload, row.dtype), {})[row.optimizer] = row
+    lines = []
+    for (workload, dtype), rows in by_case.items():
+        default = next((r for name, r in rows.items() if name.startswith(DEFAULT_PREFIX)), None)
+        base = rows.get(FP32_BASE) or (default if dtype == "fp32" else None)
+        if base is None:
+            continue
+        cells = [_fmt(rows[o].ratio_fp32 if o in rows else None, ".2f") for o in SUMMARY_COLUMNS.values()]
+        cells.insert(0, _fmt(default.ratio_fp32 if default else None, ".2f"))
+        lines.append(f"| {workload} | {dtype} | {base.ms:.2f} | " + " | ".join(cells) + " |")
+    if not lines:
+        return []
+    header = ["default (auto)", *SUMMARY_COLUMNS]
+    return [
+        "",
+        "### Options against the fused fp32 step (x its time, same rounds; - : not run or not for these params)",
+        "",
+        "| workload | params | fused fp32 step, ms | " + " | ".join(header) + " |",
+        "|---|---|---:|" + "---:|" * len(header),
+        *lines,
+    ]
 
 
 def machine_info(device: str, mode: str, repeats: int) -> dict:

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import itertools
 import json
+import os
+import stat
 import sys
 import tempfile
 import threading
@@ -263,13 +265,72 @@ def test_build_is_cached_and_safe_when_built_concurrently(tmp_path: Path) -> Non
     assert cpu_build.build(tmp_path) == paths[0] and paths[0].stat().st_mtime_ns == mtime  # cached: not rebuilt
 
 
-def test_an_unwritable_cache_falls_back_to_the_temporary_directory(monkeypatch, tmp_path: Path) -> None:
+def _unwritable_cache(monkeypatch, tmp_path: Path) -> Path:
+    """Make the cache directory unusable (a file is in the way) and the temporary directory `tmp_path / "tmp"`;
+    return the per-user directory the build then falls back to."""
     not_a_dir = tmp_path / "file"
     not_a_dir.write_text("")
     monkeypatch.setenv("LION_DIST_CACHE", str(not_a_dir / "cache"))  # mkdir fails: a file is in the way
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
+    (tmp_path / "tmp").mkdir(mode=0o777)  # like /tmp: anyone may create entries in it
+    return tmp_path / "tmp" / f"lion_dist-{os.getuid()}"
+
+
+def test_an_unwritable_cache_falls_back_to_a_private_temporary_directory(monkeypatch, tmp_path: Path) -> None:
+    fallback = _unwritable_cache(monkeypatch, tmp_path)
     path = cpu_build.build()
-    assert path.parent.parent == tmp_path / "tmp" and path.parent.name.startswith("lion_dist-") and path.exists()
+    assert path.parent == fallback == cpu_build.fallback_dir() and path.exists()
+    assert stat.S_IMODE(fallback.stat().st_mode) == 0o700  # created private, whatever the umask
+    assert not path.stat().st_mode & 0o022 and path.stat().st_uid == os.getuid()
+    assert cpu_build.build() == path  # and found there again
+
+
+needs_root = pytest.mark.skipif(not hasattr(os, "geteuid") or os.geteuid() != 0, reason="chown needs root")
+NOBODY = 65534
+
+
+@pytest.mark.parametrize(
+    "plant, why",
+    [
+        pytest.param(lambda d: os.chown(d, NOBODY, NOBODY), "owned by uid 65534", marks=needs_root, id="other-owner"),
+        pytest.param(lambda d: d.chmod(0o777), "writable by other users", id="world-writable"),
+        pytest.param(lambda d: d.chmod(0o770), "writable by other users", id="group-writable"),
+    ],
+)
+def test_a_hostile_fallback_directory_is_refused(monkeypatch, tmp_path: Path, plant, why) -> None:
+    """Another user creates `<tmp>/lion_dist-<uid>` first (or leaves it open to all) and plants a library of the
+    expected name: the loader refuses the directory, names it and the fix, and auto falls back to foreach."""
+    planted = cpu_library.library_path()  # a loadable library of the expected name (the name is the build's key)
+    fallback = _unwritable_cache(monkeypatch, tmp_path)
+    fallback.mkdir()
+    (fallback / planted.name).write_bytes(planted.read_bytes())
+    plant(fallback)
+    with pytest.raises(cpu_build.CpuKernelUnavailableError, match=why) as error:
+        cpu_build.build()
+    assert str(fallback) in str(error.value) and "LION_DIST_CACHE" in str(error.value)
+    with fresh_library():
+        with pytest.warns(RuntimeWarning, match=f"unavailable.*{why}"):
+            assert not cpu_library.is_available()
+        assert backends.select("auto", Need("cpu", (FP32,) * 3)) == "foreach"
+
+
+@pytest.mark.parametrize(
+    "plant, why",
+    [
+        pytest.param(lambda f: os.chown(f, NOBODY, NOBODY), "owned by uid 65534", marks=needs_root, id="other-owner"),
+        pytest.param(lambda f: f.chmod(0o666), "writable by other users", id="world-writable"),
+    ],
+)
+def test_a_library_not_safely_ours_is_refused(tmp_path: Path, plant, why) -> None:
+    """In our own private directory, a library file that someone else owns or may write is not loaded."""
+    (tmp_path / "cache").mkdir(mode=0o700)
+    path = tmp_path / "cache" / cpu_library.library_path().name  # what build() looks for first
+    path.write_bytes(cpu_library.library_path().read_bytes())
+    path.chmod(0o755)
+    assert cpu_build.build(tmp_path / "cache") == path  # ours and private: loaded as it is
+    plant(path)
+    with pytest.raises(cpu_build.CpuKernelUnavailableError, match=f"the kernel library {path} is {why}"):
+        cpu_build.build(tmp_path / "cache")
 
 
 @contextmanager
@@ -312,12 +373,15 @@ def test_a_compile_error_is_reported_with_the_compiler_output(monkeypatch, tmp_p
 
 
 def test_benchmark_script_runs_and_reports_missing_peers(monkeypatch, tmp_path: Path) -> None:
-    """`benchmarks/step.py --smoke` end to end, with lion-pytorch made unimportable: reported, not fatal."""
+    """`benchmarks/step.py --smoke` end to end, with lion-pytorch and deepspeed made unimportable (a GPU image
+    lacks them): reported, not fatal; every option gets its ratio to the fused fp32 step of the same rounds."""
     step = benchmark_script("step")
     monkeypatch.setitem(sys.modules, "lion_pytorch", None)  # import lion_pytorch now raises ImportError
+    monkeypatch.setitem(sys.modules, "deepspeed", None)
     monkeypatch.setenv("DS_ACCELERATOR", "cpu")  # what the script sets on CPU; restored afterwards
     out = tmp_path / "result.json"
     argv = ["--smoke", "--device", "cpu", "--workloads", "W1,W3", "--peers", "foreach,skip,functional,lion-pytorch"]
+    argv[-1] += ",stochastic,compensation,int8,DeepSpeed"
     report = step.main([*argv, "--json", str(out)])
     names = {(r.workload, r.dtype, r.optimizer) for r in report.rows if r.ms is not None and r.ms > 0}
     for workload, dtype in itertools.product(["W1", "W3"], ["fp32", "bf16"]):
@@ -329,7 +393,17 @@ def test_benchmark_script_runs_and_reports_missing_peers(monkeypatch, tmp_path: 
         ):
             assert (workload, dtype, optimizer) in names
     assert "not installed" in report.not_run["lion-pytorch Lion"]
+    assert "not installed" in report.not_run["DeepSpeedCPULion"]
     assert "needs a CUDA GPU" in report.not_run["DeepSpeed FusedLion"]
+    ratios = {(r.workload, r.dtype, r.optimizer): r.ratio_fp32 for r in report.rows}
+    for workload in ("W1", "W3"):
+        for option in (step.INT8, step.INT8_NEAREST):
+            assert ratios[workload, "fp32", option] > 0 and ratios[workload, "bf16", option] > 0
+        for option in (step.STOCHASTIC, step.COMPENSATION, step.COMPENSATION_INT8):
+            assert ratios[workload, "bf16", option] > 0 and (workload, "fp32", option) not in ratios  # bf16 only
+        assert ratios[workload, "bf16", step.FP32_BASE] == 1.0
+    summary = step.markdown(report)
+    assert "| W3 | bf16 |" in summary and "| compensation + int8 |" in summary
     assert report.machine["cpu_kernel_build_s"] > 0
     saved = json.loads(out.read_text())
     assert "| lion_dist foreach |" in saved["markdown"] and len(saved["rows"]) == len(report.rows)

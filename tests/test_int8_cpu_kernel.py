@@ -24,9 +24,10 @@ HPS = [
     LionHyperparams(lr=1e-2, beta1=0.95, beta2=0.98, weight_decay=0.3, maximize=True),
 ]
 # (shape, block): a short last block in each row, 1-D, a block wider than its row, the largest block, block 1,
-# and 110k elements in all so that two threads split the work
+# rows of odd length (even blocks starting at odd elements, and a 1-element block), and 110k elements in all so
+# that two threads split the work
 LAYOUTS = [((6, 300), 128), ((5000,), 128), ((3, 5), 128), ((2, 4096), cpu_library.INT8_MAX_BLOCK), ((777,), 1)]
-LAYOUTS += [((100, 1000), 256)]
+LAYOUTS += [((3, 257), 128), ((100, 1000), 256)]
 
 
 @pytest.fixture(scope="module", autouse=True)

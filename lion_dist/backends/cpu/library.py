@@ -36,6 +36,22 @@ MASK32 = 0xFFFFFFFF
 INT8_MAX_BLOCK = 4096  # the C loop's per-block stack buffers (MAX_INT8_BLOCK)
 # dtype code of an int8-momentum entry: param | grad << 2
 INT8_CODES = {(p, g): _DTYPE_CODE[p] | _DTYPE_CODE[g] << 2 for (p, g, _) in FUSED_TRIPLES if p != torch.float64}
+KAHAN_DTYPES = (torch.bfloat16, torch.float16)  # params the kernel Kahan-compensates (a buffer of their dtype)
+# dtype code of the split step's second half: param | direction << 2 (fp32 directions; fp64 ones for fp64 params)
+APPLY_CODES = {
+    (p, u): _DTYPE_CODE[p] | _DTYPE_CODE[u] << 2
+    for p, u in [*((p, torch.float32) for p in _DTYPE_CODE), (torch.float64, torch.float64)]
+}
+# lion_has_loop's kinds: which loops the library must have, for which codes
+_LOOP_KINDS = {
+    "step": (0, CODES),
+    "step with compensation": (1, {t: c for t, c in CODES.items() if t[0] in KAHAN_DTYPES}),
+    "int8 step": (2, INT8_CODES),
+    "int8 step with compensation": (3, {t: c for t, c in INT8_CODES.items() if t[0] in KAHAN_DTYPES}),
+    "direction": (4, CODES),
+    "apply": (5, APPLY_CODES),
+    "apply with compensation": (6, {t: c for t, c in APPLY_CODES.items() if t[0] in KAHAN_DTYPES}),
+}
 
 
 def load(path: Path) -> ctypes.CDLL:
@@ -43,20 +59,27 @@ def load(path: Path) -> ctypes.CDLL:
     if lib.lion_abi_version() != ABI_VERSION:
         raise CpuKernelUnavailableError(f"{path} has ABI {lib.lion_abi_version()}, expected {ABI_VERSION}")
     vp, i64, i32, u32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_uint32
-    lib.lion_step.argtypes = [i64, vp, vp, vp, vp, vp, vp, vp, u32, u32, i32]
-    lib.lion_step.restype = None
-    lib.lion_supports.argtypes = [i32]
-    lib.lion_nonfinite.argtypes = [i64, vp, vp, vp, vp, i32, vp]
-    lib.lion_nonfinite.restype = None
-    lib.lion_step_int8.argtypes = [i64, vp, vp, vp, vp, vp, vp, vp, vp, vp, i32, u32, u32, i32, u32, u32, i32]
-    lib.lion_step_int8.restype = None
-    lib.lion_int8_supports.argtypes = [i32]
-    lib.lion_sr_noise.argtypes = [i64, vp, u32, u32, u32, i64, u32]
-    lib.lion_sr_noise.restype = None
-    missing = [triple for triple, code in CODES.items() if not lib.lion_supports(code)]
-    missing += [(*pair, torch.int8) for pair, code in INT8_CODES.items() if not lib.lion_int8_supports(code)]
+    signatures = {
+        "lion_step": [i64, vp, vp, vp, vp, vp, vp, vp, vp, u32, u32, i32],
+        "lion_step_int8": [i64, vp, vp, vp, vp, vp, vp, vp, vp, vp, vp, i32, u32, u32, i32, u32, u32, i32],
+        "lion_direction": [i64, vp, vp, vp, vp, vp, vp, i32],
+        "lion_apply": [i64, vp, vp, vp, vp, vp, vp, vp, u32, u32, i32],
+        "lion_nonfinite": [i64, vp, vp, vp, vp, i32, vp],
+        "lion_sr_noise": [i64, vp, u32, u32, u32, i64, u32],
+    }
+    for name, argtypes in signatures.items():
+        fn = getattr(lib, name)
+        fn.argtypes, fn.restype = argtypes, None
+    lib.lion_has_loop.argtypes = [i32, i32]
+    lib.lion_philox_impl.restype = ctypes.c_char_p
+    missing = [
+        f"{kind} {tuple(str(d).removeprefix('torch.') for d in key)}"
+        for kind, (number, codes) in _LOOP_KINDS.items()
+        for key, code in codes.items()
+        if not lib.lion_has_loop(number, code)
+    ]
     if missing:
-        raise CpuKernelUnavailableError(f"{path} has no loop for dtype triples {missing}")
+        raise CpuKernelUnavailableError(f"{path} has no loop for: {', '.join(missing)}")
     if lib.lion_int8_max_block() != INT8_MAX_BLOCK:
         raise CpuKernelUnavailableError(f"{path} takes int8 blocks up to {lib.lion_int8_max_block()}")
     return lib
@@ -173,3 +196,8 @@ def nonfinite_flags(tensors: Sequence[Tensor]) -> Tensor | None:
         address(offsets),
     )
     return flags
+
+
+def philox_impl() -> str:
+    """Which Philox the loaded kernel computes its noise with: "avx512", "avx2" or "portable" (`philox.h`)."""
+    return require().lion_philox_impl().decode()

@@ -1,29 +1,19 @@
 /* The fused CPU Lion step: one pass over each element's param, grad and momentum, for many tensors per call.
  *
- * Built on first use by lion_dist/backends/cpu_kernel.py (cc -O3 -march=native -funroll-loops -ffp-contract=off,
- * cached per source, compiler, CPU and OpenMP runtime) and called through ctypes. The caller passes a table
- * of tensors: three pointers each (param, grad, momentum), the element count, a dtype code and where its
- * stochastic-rounding noise comes from. The elements of all tensors, concatenated, are cut into chunks that
- * threads take from a shared counter, so one call does all tensors whatever their number and sizes. Threads:
- * torch's own OpenMP pool when built with -fopenmp and linked to torch's OpenMP runtime (its idle threads spin
- * for a while after each torch op, so threads of our own would compete with them for the cores); otherwise
- * pthreads started per call.
+ * Built on first use by build.py (cc -O3 -march=native -funroll-loops -ffp-contract=off, cached per source,
+ * compiler, CPU and OpenMP runtime) and called through ctypes (library.py, the only ABI). The caller passes a
+ * table of tensors: pointers (param, grad, momentum, and a Kahan compensation buffer or 0), the element count, a
+ * dtype code and where its stochastic-rounding noise comes from. The elements of all tensors, concatenated, are
+ * cut into chunks that threads take from a shared counter, so one call does all tensors whatever their number
+ * and sizes. Threads: torch's own OpenMP pool when built with -fopenmp and linked to torch's OpenMP runtime (its
+ * idle threads spin for a while after each torch op, so threads of our own would compete with them for the
+ * cores); otherwise pthreads started per call.
  *
- * Rounding follows lion_dist.spec.lion_reference exactly: every `x * a + y * b` of the reference is
- * fma(y, b, x * a) (torch's add with alpha), everything else is a plain operation in the math type (float, or
- * double for fp64 params), and the compiler may not contract or reassociate (-ffp-contract=off, no
- * -ffast-math). sign(c) is `sign(c) + 0 * c` as in the reference: a NaN or Inf in c makes the param NaN instead
- * of silently freezing it. bf16 and fp16 are widened exactly and written back rounded to nearest even, or, for
- * bf16 params with a key, stochastically with the spec's Philox-4x32-10 noise (lion_dist.spec.sr_noise), so the
- * result equals the reference bit for bit in every case.
- *
- * int8 momentum (lion_dist.spec.lion_reference_int8): the momentum is int8 codes with one fp32 scale per block of
- * `block` elements along the last dim (never across a row; a row's last block may be short). lion_step_int8 is
- * the same step with m = code * scale; a thread owns whole blocks (chunks split at block boundaries), keeps the
- * block's new momentum in a stack buffer, then requantizes it: scale = absmax / 127 (NaN if any element is NaN),
- * code = clamp(rint(m / scale)) or, stochastically, clamp(floor(m / scale + noise / 65536)) with the spec's Philox
- * noise in the momentum's own stream, and 0 where that is not finite. One pass: p, g and the codes are read
- * once and written once.
+ * Every loop equals lion_dist.spec bit for bit (lion_common.h: the math, rounding to nearest, stochastic
+ * rounding with the spec's Philox noise from philox.h, Kahan compensation). Entry points: lion_step (float
+ * momenta), lion_step_int8 (int8 momentum, lion_int8.h), Distributed Lion's split step lion_direction
+ * (int8 signs, momentum advanced) and lion_apply (an agreed direction applied), lion_sr_noise (the noise alone,
+ * for torch backends) and lion_nonfinite (the non-finite gradient check).
  */
 #include <float.h>
 #include <math.h>
@@ -31,133 +21,78 @@
 #include <stdint.h>
 #include <string.h>
 
-#define LION_ABI 7
+#include "lion_common.h"
+#include "philox.h"
+
+#define LION_ABI 8
+/* Tuning constants; -D overrides them for experiments (they change speed, never results). */
+#ifndef ALIGN_ELEMS
 #define ALIGN_ELEMS 64 /* chunks start at multiples of 64 elements of a tensor: no cache line in two chunks */
+#endif
+#ifndef MIN_PER_THREAD
 #define MIN_PER_THREAD 32768 /* fewer elements per thread: another thread costs more than it saves */
+#endif
 #define MAX_THREADS 256
+#ifndef CHUNKS_PER_THREAD
 #define CHUNKS_PER_THREAD 8 /* a delayed thread leaves its chunks to the others */
-#define MAX_INT8_BLOCK 4096 /* elements per scale of an int8 momentum: the stack buffers of a block */
+#endif
+#ifndef NOISE_TILE
+#define NOISE_TILE 1024 /* elements whose noise is drawn at once: a 2 KiB buffer that stays in L1 */
+#endif
 
-/* dtype codes, two bits per operand: code = P | G << 2 | M << 4 */
-enum { F32 = 0, BF16 = 1, F16 = 2, F64 = 3 };
-#define ALL_F64 (F64 | F64 << 2 | F64 << 4)
-
+/* One tensor of a call, as its loop sees it. */
 typedef struct {
-    double beta1, one_minus_beta1, beta2, one_minus_beta2, neg_lr, decay;
-} lion_hp;
+    void *p;        /* the param */
+    const void *g;  /* the gradient */
+    void *m;        /* the momentum: float, or int8 codes */
+    void *c;        /* KAHAN: the compensation buffer (the param's dtype) */
+    float *s;       /* int8 momentum: the scales */
+    void *u;        /* the split step's direction: written by lion_direction, read by lion_apply */
+    int64_t row, block; /* int8 momentum: elements per row (the last dim), per scale */
+    noise_stream ns, qs; /* the param's stochastic rounding, the codes' stochastic requantization */
+} tensor_view;
 
-/* Where one tensor's stochastic-rounding noise comes from (lion_dist.spec.NoiseStream). */
-typedef struct {
-    uint32_t k0, k1, param_id, shard;
-    int64_t base;
-} noise_stream;
+typedef void (*segment_fn)(const tensor_view *, int64_t, int64_t, const lion_hp *);
 
-static inline float f32_from_bits(uint32_t b) {
-    float f;
-    memcpy(&f, &b, 4);
-    return f;
-}
+/* ------------------------------------------------------------------ float momenta */
 
-static inline uint32_t bits_from_f32(float f) {
-    uint32_t b;
-    memcpy(&b, &f, 4);
-    return b;
-}
-
-static inline float from_bf16(uint16_t h) { return f32_from_bits((uint32_t)h << 16); }
-
-/* Round to nearest even, as torch's float -> bfloat16 conversion; a NaN becomes the quiet NaN 0x7fc0 (torch
- * does not specify a NaN's sign or payload either). */
-static inline uint16_t to_bf16(float f) {
-    uint32_t b = bits_from_f32(f);
-    uint32_t rounded = (b + 0x7fffu + ((b >> 16) & 1u)) >> 16;
-    return (uint16_t)(f != f ? 0x7fc0u : rounded);
-}
-
-/* Stochastic rounding to bf16: add 16 random low bits, then truncate (unbiased); Inf and NaN round to nearest. */
-static inline uint16_t to_bf16_stochastic(float f, uint32_t noise) {
-    uint32_t b = bits_from_f32(f);
-    uint16_t rounded = (uint16_t)((b + noise) >> 16);
-    return ((b & 0x7f800000u) == 0x7f800000u) ? to_bf16(f) : rounded;
-}
-
-/* Philox-4x32-10 (Salmon et al. 2011) with the constants of Triton's tl.philox and cuRAND, in place on c. */
-static inline void philox4x32_10(uint32_t c[4], uint32_t k0, uint32_t k1) {
-    for (int round = 0; round < 10; round++) {
-        uint64_t a = (uint64_t)0xD2511F53u * c[0];
-        uint64_t b = (uint64_t)0xCD9E8D57u * c[2];
-        uint32_t c0 = (uint32_t)(b >> 32) ^ c[1] ^ k0;
-        uint32_t c2 = (uint32_t)(a >> 32) ^ c[3] ^ k1;
-        c[0] = c0;
-        c[1] = (uint32_t)b;
-        c[2] = c2;
-        c[3] = (uint32_t)a;
-        k0 += 0x9E3779B9u;
-        k1 += 0xBB67AE85u;
-    }
-}
-
-/* Element loads and stores by dtype code T (a constant in every loop below, so the branches fold away). */
-#define LOAD(T, ptr, i)                                                                                       \
-    ((T) == F32 ? ((const float *)(ptr))[i]                                                                   \
-                : (T) == BF16 ? from_bf16(((const uint16_t *)(ptr))[i]) : (float)((const _Float16 *)(ptr))[i])
-#define STORE(T, ptr, i, x)                                                                                   \
-    do {                                                                                                      \
-        if ((T) == F32) {                                                                                     \
-            ((float *)(ptr))[i] = (x);                                                                        \
-        } else if ((T) == BF16) {                                                                             \
-            ((uint16_t *)(ptr))[i] = to_bf16(x);                                                              \
-        } else {                                                                                              \
-            ((_Float16 *)(ptr))[i] = (_Float16)(x);                                                           \
-        }                                                                                                     \
-    } while (0)
-
-/* One loop per (param, grad, momentum) dtype combination; SR: stochastic rounding of a bf16 param. */
-#define LION_SEGMENT(P, G, M, SR)                                                                                  \
-    static void seg_##P##_##G##_##M##_##SR(void *p_, const void *g_, void *m_, int64_t i0, int64_t i1,               \
-                                           const lion_hp *hp, const noise_stream *ns) {                             \
-        const float b1 = (float)hp->beta1, omb1 = (float)hp->one_minus_beta1;                                      \
-        const float b2 = (float)hp->beta2, omb2 = (float)hp->one_minus_beta2;                                      \
-        const float neg_lr = (float)hp->neg_lr, decay = (float)hp->decay;                                          \
-        const int has_decay = decay != 1.0f;                                                                        \
-        uint32_t words[4] = {0, 0, 0, 0};                                                                           \
-        int64_t word_block = -1;                                                                                    \
-        (void)ns, (void)words, (void)word_block;                                                                    \
-        for (int64_t i = i0; i < i1; i++) {                                                                        \
-            const float g = LOAD(G, g_, i);                                                                         \
-            const float m = LOAD(M, m_, i);                                                                         \
-            const float p = LOAD(P, p_, i);                                                                         \
-            const float c = fmaf(g, omb1, m * b1);                                                                  \
-            /* sign(c) + 0 * c: +-1 with c's sign, +0 for +-0, NaN for NaN or Inf (c != 0 holds for NaN) */         \
-            const float one = f32_from_bits((bits_from_f32(c) & 0x80000000u) | 0x3f800000u);                        \
-            const float u = (c != 0.0f ? one : 0.0f) + c * 0.0f;                                                    \
-            const float p_new = fmaf(u, neg_lr, has_decay ? p * decay : p);                                         \
-            const float m_new = fmaf(g, omb2, m * b2);                                                              \
-            if (SR) { /* lion_dist.spec.sr_noise: 16 bits of Philox word (e % 8) / 2 of counter e / 8 */              \
-                const int64_t e = ns->base + i;                                                                     \
-                if ((e >> 3) != word_block) {                                                                       \
-                    word_block = e >> 3;                                                                            \
-                    words[0] = (uint32_t)word_block, words[1] = (uint32_t)(word_block >> 32);                       \
-                    words[2] = ns->param_id, words[3] = ns->shard;                                                  \
-                    philox4x32_10(words, ns->k0, ns->k1);                                                           \
-                }                                                                                                   \
-                const uint32_t noise = (words[(e & 7) >> 1] >> ((e & 1) * 16)) & 0xffffu;                           \
-                ((uint16_t *)p_)[i] = to_bf16_stochastic(p_new, noise);                                             \
-            } else {                                                                                                \
-                STORE(P, p_, i, p_new);                                                                             \
-            }                                                                                                       \
-            STORE(M, m_, i, m_new);                                                                                 \
-        }                                                                                                           \
+/* One loop per (param, grad, momentum) dtype and write mode W, over elements [i0, i1) of a tensor. With
+ * stochastic rounding the noise of NOISE_TILE elements is drawn first (sixteen Philox counters at a time), then
+ * the tile's elements run as one vectorizable loop; otherwise the whole range is one tile. */
+#define LION_SEGMENT(P, G, M, W)                                                                                  \
+    static void seg_##P##_##G##_##M##_##W(const tensor_view *a, int64_t i0, int64_t i1, const lion_hp *hp) {    \
+        LION_SCALARS(hp);                                                                                         \
+        void *restrict p_ = a->p;                                                                                 \
+        const void *restrict g_ = a->g;                                                                           \
+        void *restrict m_ = a->m;                                                                                 \
+        void *restrict c_ = a->c;                                                                                 \
+        uint16_t noise[(W) == STOCHASTIC ? NOISE_TILE + NOISE_PAD : 1] __attribute__((aligned(64)));              \
+        (void)c_;                                                                                                 \
+        const int64_t tile = (W) == STOCHASTIC ? NOISE_TILE : i1 - i0;                                            \
+        for (int64_t t = i0; t < i1; t += tile) {                                                                 \
+            const int64_t len = i1 - t < tile ? i1 - t : tile;                                                    \
+            /* element i's noise is noise[off + i] */                                                             \
+            const int64_t off = (W) == STOCHASTIC ? fill_noise(noise, &a->ns, a->ns.base + t, len) - t : 0;       \
+            (void)off;                                                                                            \
+            int64_t i = t;                                                                                        \
+            if ((P) == BF16 && (G) == BF16 && (M) == BF16) { /* bf16 params' default: two elements per word */    \
+                for (; i + 1 < t + len; i += 2) LION_BF16_PAIR(W, p_, g_, m_, c_, i, PAIR(noise, off + i));       \
+            }                                                                                                     \
+            for (; i < t + len; i++) {                                                                            \
+                const float g = LOAD(G, g_, i), m = LOAD(M, m_, i), p = LOAD_PARAM(P, W, p_, c_, i);              \
+                LION_UPDATE(p, g, m);                                                                             \
+                STORE_PARAM(P, W, p_, c_, i, p_new, noise[off + i]);                                              \
+                STORE(M, m_, i, m_new);                                                                           \
+            }                                                                                                     \
+        }                                                                                                         \
     }
 
 /* fp64 params, grads and momenta: the same update in double. */
-static void seg_f64(void *p_, const void *g_, void *m_, int64_t i0, int64_t i1, const lion_hp *hp,
-                    const noise_stream *ns) {
-    double *restrict p64 = (double *)p_;
-    const double *restrict g64 = (const double *)g_;
-    double *restrict m64 = (double *)m_;
+static void seg_f64(const tensor_view *a, int64_t i0, int64_t i1, const lion_hp *hp) {
+    double *restrict p64 = (double *)a->p;
+    const double *restrict g64 = (const double *)a->g;
+    double *restrict m64 = (double *)a->m;
     const int has_decay = hp->decay != 1.0;
-    (void)ns;
     for (int64_t i = i0; i < i1; i++) {
         const double g = g64[i], m = m64[i], p = p64[i];
         const double c = fma(g, hp->one_minus_beta1, m * hp->beta1);
@@ -167,138 +102,108 @@ static void seg_f64(void *p_, const void *g_, void *m_, int64_t i0, int64_t i1, 
     }
 }
 
-#define SEGS_M(P, G) LION_SEGMENT(P, G, 0, 0) LION_SEGMENT(P, G, 1, 0) LION_SEGMENT(P, G, 2, 0)
-#define SEGS_G(P) SEGS_M(P, 0) SEGS_M(P, 1) SEGS_M(P, 2)
-SEGS_G(0)
-SEGS_G(1)
-SEGS_G(2)
-#undef SEGS_M /* and the stochastic-rounding variants of bf16 params: */
-#define SEGS_M(P, G) LION_SEGMENT(P, G, 0, 1) LION_SEGMENT(P, G, 1, 1) LION_SEGMENT(P, G, 2, 1)
-SEGS_G(1)
+#define SEGS_M(P, G, W) LION_SEGMENT(P, G, 0, W) LION_SEGMENT(P, G, 1, W) LION_SEGMENT(P, G, 2, W)
+#define SEGS_G(P, W) SEGS_M(P, 0, W) SEGS_M(P, 1, W) SEGS_M(P, 2, W)
+SEGS_G(0, 0) /* NEAREST: every param dtype */
+SEGS_G(1, 0)
+SEGS_G(2, 0)
+SEGS_G(1, 1) /* STOCHASTIC: bf16 params */
+SEGS_G(1, 2) /* KAHAN: bf16 and fp16 params */
+SEGS_G(2, 2)
 
-typedef void (*segment_fn)(void *, const void *, void *, int64_t, int64_t, const lion_hp *, const noise_stream *);
-
-#define ENTRY(P, G, M, SR) [(P) | (G) << 2 | (M) << 4] = seg_##P##_##G##_##M##_##SR
-#define ENTRIES_M(P, G, SR) ENTRY(P, G, 0, SR), ENTRY(P, G, 1, SR), ENTRY(P, G, 2, SR)
-#define ENTRIES_G(P, SR) ENTRIES_M(P, 0, SR), ENTRIES_M(P, 1, SR), ENTRIES_M(P, 2, SR)
-static const segment_fn SEGMENTS[64] = {ENTRIES_G(0, 0), ENTRIES_G(1, 0), ENTRIES_G(2, 0), [ALL_F64] = seg_f64};
-static const segment_fn SEGMENTS_SR[64] = {ENTRIES_G(0, 0), ENTRIES_G(1, 1), ENTRIES_G(2, 0), [ALL_F64] = seg_f64};
+#define ENTRY(P, G, M, W) [(P) | (G) << 2 | (M) << 4] = seg_##P##_##G##_##M##_##W
+#define ENTRIES_M(P, G, W) ENTRY(P, G, 0, W), ENTRY(P, G, 1, W), ENTRY(P, G, 2, W)
+#define ENTRIES_G(P, W) ENTRIES_M(P, 0, W), ENTRIES_M(P, 1, W), ENTRIES_M(P, 2, W)
+/* [how the param is written][param | grad << 2 | momentum << 4] */
+static const segment_fn SEGMENTS[3][64] = {
+    {ENTRIES_G(0, 0), ENTRIES_G(1, 0), ENTRIES_G(2, 0), [ALL_F64] = seg_f64},
+    {ENTRIES_G(1, 1)},
+    {ENTRIES_G(1, 2), ENTRIES_G(2, 2)},
+};
 
 /* ------------------------------------------------------------------ int8 momentum */
 
-#define NOISE_UNIT (1.0f / 65536.0f) /* noise / 65536: exact */
+#include "lion_int8.h"
 
-/* The spec's 16-bit noise (lion_dist.spec.sr_noise) of elements e0 .. e0 + len - 1 of stream `s`, one Philox call
- * per counter e / 8 and one loop lane per counter (so the compiler vectorizes it): out[off + j] is element
- * e0 + j's noise, where off = e0 % 8 is returned. Element e takes 16 bits of word (e % 8) / 2 of its counter's
- * four outputs, the low half for even e: that is out[8 * (e / 8 - e0 / 8) + e % 8]. out holds len + 16 values. */
-static inline int64_t fill_noise(uint32_t *restrict out, const noise_stream *s, int64_t e0, int64_t len) {
-    const int64_t g0 = e0 >> 3, n_groups = ((e0 + len - 1) >> 3) - g0 + 1;
-    const uint32_t param_id = s->param_id, shard = s->shard, k0 = s->k0, k1 = s->k1;
-    for (int64_t q = 0; q < n_groups; q++) {
-        const uint64_t counter = (uint64_t)(g0 + q);
-        uint32_t c0 = (uint32_t)counter, c1 = (uint32_t)(counter >> 32), c2 = param_id, c3 = shard;
-        uint32_t a0 = k0, a1 = k1;
-#pragma GCC unroll 10
-        for (int round = 0; round < 10; round++) { /* philox4x32_10, with the words in registers */
-            const uint64_t a = (uint64_t)0xD2511F53u * c0;
-            const uint64_t b = (uint64_t)0xCD9E8D57u * c2;
-            const uint32_t n0 = (uint32_t)(b >> 32) ^ c1 ^ a0;
-            const uint32_t n2 = (uint32_t)(a >> 32) ^ c3 ^ a1;
-            c0 = n0, c1 = (uint32_t)b, c2 = n2, c3 = (uint32_t)a;
-            a0 += 0x9E3779B9u, a1 += 0xBB67AE85u;
-        }
-        uint32_t *o = out + 8 * q;
-        o[0] = c0 & 0xffffu, o[1] = c0 >> 16, o[2] = c1 & 0xffffu, o[3] = c1 >> 16;
-        o[4] = c2 & 0xffffu, o[5] = c2 >> 16, o[6] = c3 & 0xffffu, o[7] = c3 >> 16;
+/* ------------------------------------------------------------------ the split step (Distributed Lion) */
+
+/* The first half: the sign of c = b1 m + (1 - b1) g as int8: +1, -1, and 0 for +-0 and where the spec's
+ * sign(c) + 0 * c is NaN (c NaN or Inf): Distributed Lion reads only `< 0` and `> 0`, and a NaN reads as neither.
+ * The momentum advances as in the fused step. The param's dtype does not matter. */
+#define DIRECTION_SEGMENT(G, M)                                                                                   \
+    static void dir_##G##_##M(const tensor_view *a, int64_t i0, int64_t i1, const lion_hp *hp) {                 \
+        LION_SCALARS(hp);                                                                                         \
+        const void *restrict g_ = a->g;                                                                           \
+        void *restrict m_ = a->m;                                                                                 \
+        int8_t *restrict d = (int8_t *)a->u;                                                                      \
+        for (int64_t i = i0; i < i1; i++) {                                                                       \
+            const float g = LOAD(G, g_, i), m = LOAD(M, m_, i);                                                   \
+            const float c = fmaf(g, omb1, m * b1);                                                                \
+            d[i] = (int8_t)(fabsf(c) <= FLT_MAX ? (c > 0.0f) - (c < 0.0f) : 0); /* Inf, NaN: the spec's NaN */    \
+            STORE(M, m_, i, fmaf(g, omb2, m * b2));                                                               \
+        }                                                                                                         \
     }
-    return e0 & 7;
+
+/* fp64: the direction in double, sign(c) + 0 * c as the spec's (an fp64 direction keeps the apply in fp64). */
+static void dir_f64(const tensor_view *a, int64_t i0, int64_t i1, const lion_hp *hp) {
+    const double *restrict g64 = (const double *)a->g;
+    double *restrict m64 = (double *)a->m, *restrict d = (double *)a->u;
+    for (int64_t i = i0; i < i1; i++) {
+        const double g = g64[i], m = m64[i];
+        const double c = fma(g, hp->one_minus_beta1, m * hp->beta1);
+        d[i] = (c != 0.0 ? copysign(1.0, c) : 0.0) + c * 0.0;
+        m64[i] = fma(g, hp->one_minus_beta2, m * hp->beta2);
+    }
 }
 
-/* One tensor with int8 momentum, as its loop sees it. */
-typedef struct {
-    void *p;
-    const void *g;
-    int8_t *q;
-    float *s;
-    int64_t row, block;   /* elements per row (the last dim), per scale */
-    noise_stream ns, qs;  /* the param's stochastic rounding, the codes' stochastic requantization */
-} q8_tensor;
-
-/* One loop per (param, grad) dtype; SR: stochastic rounding of a bf16 param; QSR: stochastic requantization.
- * Elements [i0, i1) of the tensor, whole blocks: per block, the Lion step of the float kernel with
- * m = code * scale (one rounding), the new momentum kept in mbuf, its absmax taken on the magnitude bits (as
- * unsigned integers these order like the floats, and every NaN above Inf, so a NaN anywhere makes the absmax NaN,
- * which C's fmaxf would drop), then the codes and the scale written. */
-#define LION_INT8_SEGMENT(P, G, SR, QSR)                                                                           \
-    static void q8_##P##_##G##_##SR##_##QSR(const q8_tensor *a, int64_t i0, int64_t i1, const lion_hp *hp) {        \
-        const float b1 = (float)hp->beta1, omb1 = (float)hp->one_minus_beta1;                                      \
-        const float b2 = (float)hp->beta2, omb2 = (float)hp->one_minus_beta2;                                      \
-        const float neg_lr = (float)hp->neg_lr, decay = (float)hp->decay;                                          \
-        const int has_decay = decay != 1.0f;                                                                        \
-        void *restrict p_ = a->p;                                                                                   \
-        const void *restrict g_ = a->g;                                                                             \
-        int8_t *restrict q_ = a->q;                                                                                 \
-        float *restrict s_ = a->s;                                                                                  \
-        float mbuf[MAX_INT8_BLOCK];                                                                                 \
-        uint32_t noise[MAX_INT8_BLOCK + 16];                                                                        \
-        const int64_t row = a->row, block = a->block, per_row = (row + block - 1) / block;                         \
-        int64_t r = i0 / row, col = i0 - r * row;                                                                   \
-        for (int64_t i = i0; i < i1;) {                                                                             \
-            const int64_t len = row - col < block ? row - col : block;                                              \
-            const int64_t si = r * per_row + col / block;                                                           \
-            const float scale_in = s_[si];                                                                          \
-            int64_t off = 0;                                                                                        \
-            if (SR) off = fill_noise(noise, &a->ns, a->ns.base + i, len);                                           \
-            uint32_t absmax = 0;                                                                                    \
-            for (int64_t j = 0; j < len; j++) {                                                                     \
-                const float g = LOAD(G, g_, i + j);                                                                 \
-                const float m = (float)q_[i + j] * scale_in;                                                        \
-                const float p = LOAD(P, p_, i + j);                                                                 \
-                const float c = fmaf(g, omb1, m * b1);                                                              \
-                const float one = f32_from_bits((bits_from_f32(c) & 0x80000000u) | 0x3f800000u);                    \
-                const float u = (c != 0.0f ? one : 0.0f) + c * 0.0f;                                                \
-                const float p_new = fmaf(u, neg_lr, has_decay ? p * decay : p);                                     \
-                const float m_new = fmaf(g, omb2, m * b2);                                                          \
-                if (SR) {                                                                                           \
-                    ((uint16_t *)p_)[i + j] = to_bf16_stochastic(p_new, noise[off + j]);                            \
-                } else {                                                                                            \
-                    STORE(P, p_, i + j, p_new);                                                                     \
-                }                                                                                                   \
-                mbuf[j] = m_new;                                                                                    \
-                const uint32_t magnitude = bits_from_f32(m_new) & 0x7fffffffu;                                      \
-                absmax = magnitude > absmax ? magnitude : absmax;                                                   \
-            }                                                                                                       \
-            const float scale = f32_from_bits(absmax) / 127.0f; /* NaN stays NaN */                                 \
-            if (QSR) off = fill_noise(noise, &a->qs, a->qs.base + i, len);                                          \
-            for (int64_t j = 0; j < len; j++) {                                                                     \
-                const float x = mbuf[j] / scale;                                                                    \
-                const float y = QSR ? floorf(x + (float)(int32_t)noise[off + j] * NOISE_UNIT) : rintf(x);          \
-                const float clamped = y > 127.0f ? 127.0f : (y < -127.0f ? -127.0f : y);                            \
-                q_[i + j] = (int8_t)(fabsf(y) <= FLT_MAX ? clamped : 0.0f); /* NaN or Inf: code 0 */               \
-            }                                                                                                       \
-            s_[si] = scale;                                                                                         \
-            i += len, col += len;                                                                                   \
-            if (col == row) col = 0, r++;                                                                           \
-        }                                                                                                           \
+/* The second half: p <- p (1 - lr wd) - lr u for an fp32 direction u (the agreed vote or mean), the param written
+ * back as in the fused step. The math is fp32, also for fp64 params (spec.apply_direction: u's dtype). */
+#define APPLY_SEGMENT(P, W)                                                                                       \
+    static void apply_##P##_##W(const tensor_view *a, int64_t i0, int64_t i1, const lion_hp *hp) {               \
+        LION_SCALARS(hp);                                                                                         \
+        void *restrict p_ = a->p;                                                                                 \
+        void *restrict c_ = a->c;                                                                                 \
+        const float *restrict u_ = (const float *)a->u;                                                           \
+        uint16_t noise[(W) == STOCHASTIC ? NOISE_TILE + NOISE_PAD : 1] __attribute__((aligned(64)));              \
+        (void)c_;                                                                                                 \
+        const int64_t tile = (W) == STOCHASTIC ? NOISE_TILE : i1 - i0;                                            \
+        for (int64_t t = i0; t < i1; t += tile) {                                                                 \
+            const int64_t len = i1 - t < tile ? i1 - t : tile;                                                    \
+            /* element i's noise is noise[off + i] */                                                             \
+            const int64_t off = (W) == STOCHASTIC ? fill_noise(noise, &a->ns, a->ns.base + t, len) - t : 0;       \
+            (void)off;                                                                                            \
+            for (int64_t i = t; i < t + len; i++) {                                                               \
+                const float p = LOAD_PARAM(P, W, p_, c_, i);                                                      \
+                const float p_new = fmaf(u_[i], neg_lr, has_decay ? p * decay : p);                               \
+                STORE_PARAM(P, W, p_, c_, i, p_new, noise[off + i]);                                                       \
+            }                                                                                                     \
+        }                                                                                                         \
     }
 
-#define Q8_SEGS_G(P, SR, QSR) LION_INT8_SEGMENT(P, 0, SR, QSR) LION_INT8_SEGMENT(P, 1, SR, QSR) LION_INT8_SEGMENT(P, 2, SR, QSR)
-#define Q8_SEGS_Q(P, SR) Q8_SEGS_G(P, SR, 0) Q8_SEGS_G(P, SR, 1)
-Q8_SEGS_Q(0, 0)
-Q8_SEGS_Q(1, 0)
-Q8_SEGS_Q(2, 0)
-Q8_SEGS_Q(1, 1)
+/* fp64 params with an fp64 direction: in double. */
+static void apply_f64(const tensor_view *a, int64_t i0, int64_t i1, const lion_hp *hp) {
+    double *restrict p64 = (double *)a->p;
+    const double *restrict u = (const double *)a->u;
+    const int has_decay = hp->decay != 1.0;
+    for (int64_t i = i0; i < i1; i++) p64[i] = fma(u[i], hp->neg_lr, has_decay ? p64[i] * hp->decay : p64[i]);
+}
 
-typedef void (*q8_fn)(const q8_tensor *, int64_t, int64_t, const lion_hp *);
+DIRECTION_SEGMENT(0, 0) DIRECTION_SEGMENT(0, 1) DIRECTION_SEGMENT(0, 2)
+DIRECTION_SEGMENT(1, 0) DIRECTION_SEGMENT(1, 1) DIRECTION_SEGMENT(1, 2)
+DIRECTION_SEGMENT(2, 0) DIRECTION_SEGMENT(2, 1) DIRECTION_SEGMENT(2, 2)
+APPLY_SEGMENT(0, 0) APPLY_SEGMENT(1, 0) APPLY_SEGMENT(2, 0) APPLY_SEGMENT(3, 0)
+APPLY_SEGMENT(1, 1) APPLY_SEGMENT(1, 2) APPLY_SEGMENT(2, 2)
 
-/* [stochastic rounding of bf16 params][stochastic requantization][param | grad << 2] */
-#define Q8_ENTRY(P, G, SR, QSR) [(P) | (G) << 2] = q8_##P##_##G##_##SR##_##QSR
-#define Q8_ENTRIES_G(P, SR, QSR) Q8_ENTRY(P, 0, SR, QSR), Q8_ENTRY(P, 1, SR, QSR), Q8_ENTRY(P, 2, SR, QSR)
-#define Q8_ENTRIES(SR, QSR) {Q8_ENTRIES_G(0, 0, QSR), Q8_ENTRIES_G(1, SR, QSR), Q8_ENTRIES_G(2, 0, QSR)}
-static const q8_fn Q8_SEGMENTS[2][2][16] = {
-    {Q8_ENTRIES(0, 0), Q8_ENTRIES(0, 1)},
-    {Q8_ENTRIES(1, 0), Q8_ENTRIES(1, 1)},
+/* [param | grad << 2 | momentum << 4], as lion_step's codes */
+#define DIR_ENTRY(P, G, M) [(P) | (G) << 2 | (M) << 4] = dir_##G##_##M
+#define DIR_ENTRIES_M(P, G) DIR_ENTRY(P, G, 0), DIR_ENTRY(P, G, 1), DIR_ENTRY(P, G, 2)
+#define DIR_ENTRIES(P) DIR_ENTRIES_M(P, 0), DIR_ENTRIES_M(P, 1), DIR_ENTRIES_M(P, 2)
+static const segment_fn DIRECTIONS[64] = {DIR_ENTRIES(0), DIR_ENTRIES(1), DIR_ENTRIES(2), [ALL_F64] = dir_f64};
+/* [how the param is written][param | direction << 2]: fp32 directions, and fp64 ones for fp64 params */
+static const segment_fn APPLIES[3][16] = {
+    {[0] = apply_0_0, [1] = apply_1_0, [2] = apply_2_0, [3] = apply_3_0, [F64 | F64 << 2] = apply_f64},
+    {[1] = apply_1_1},
+    {[1] = apply_1_2, [2] = apply_2_2},
 };
 
 /* ------------------------------------------------------------------ splitting the work over threads */
@@ -309,6 +214,8 @@ typedef void (*range_fn)(const task *t, int64_t tensor, int64_t i0, int64_t i1);
 struct task {
     int64_t n_tensors;
     const int64_t *p_ptrs, *g_ptrs, *m_ptrs; /* param, grad, momentum (int8: codes) of each tensor */
+    const int64_t *c_ptrs;                   /* compensation buffers (0: none); NULL: none at all */
+    const int64_t *u_ptrs;                   /* the split step's directions */
     const int64_t *offsets;                  /* n_tensors + 1 prefix sums of the element counts */
     const uint8_t *codes;
     range_fn fn;
@@ -408,87 +315,164 @@ static void run_parallel(const task *t, int nthreads) {
 
 /* ------------------------------------------------------------------ entry points */
 
-static void lion_range(const task *t, int64_t k, int64_t i0, int64_t i1) {
-    uint8_t code = t->codes[k];
-    noise_stream ns = {t->k0, t->k1, 0, 0, 0};
-    if (t->streams != NULL) {
-        ns.param_id = (uint32_t)t->streams[3 * k];
-        ns.base = t->streams[3 * k + 1];
-        ns.shard = (uint32_t)t->streams[3 * k + 2];
+/* Tensor k's noise stream from a table of `per` values per tensor (param id, base, shard[, momentum's shard]). */
+static noise_stream stream_of(const int64_t *streams, int per, int64_t k, uint32_t k0, uint32_t k1, int which) {
+    noise_stream ns = {k0, k1, 0, 0, 0};
+    if (streams != NULL) {
+        ns.param_id = (uint32_t)streams[per * k];
+        ns.base = streams[per * k + 1];
+        ns.shard = (uint32_t)streams[per * k + 2 + which];
     }
-    const segment_fn fn = (t->streams != NULL ? SEGMENTS_SR : SEGMENTS)[code & 63];
-    fn((void *)t->p_ptrs[k], (const void *)t->g_ptrs[k], (void *)t->m_ptrs[k], i0, i1, t->hp, &ns);
+    return ns;
 }
 
-int lion_abi_version(void) { return LION_ABI; }
+/* How tensor k's param is written: KAHAN where it has a compensation buffer, STOCHASTIC for a bf16 param with
+ * a key, else NEAREST. */
+static int write_mode(const task *t, int64_t k, int param_dtype, int stochastic) {
+    if (t->c_ptrs != NULL && t->c_ptrs[k] != 0) return KAHAN;
+    return stochastic && param_dtype == BF16 ? STOCHASTIC : NEAREST;
+}
 
-/* Whether dtype code `code` has a loop here (the caller checks every tensor before calling lion_step). */
-int lion_supports(int code) { return code >= 0 && code < 64 && SEGMENTS[code] != NULL; }
-
-/* One Lion step over n_tensors tensors. offsets: n_tensors + 1 prefix sums of their element counts. hp: beta1,
- * 1 - beta1, beta2, 1 - beta2, -lr, 1 - lr * wd (1 when wd == 0), in double (the fp32 loops round each once);
- * maximize passes -(1 - beta1) and -(1 - beta2), which is exactly the reference's negated gradient.
- * streams != NULL: stochastic rounding of bf16 params with key (k0, k1) and, per tensor, (param id, base,
- * shard); the noise is a function of those and the element index only, so any thread count gives the same
- * result. */
-void lion_step(int64_t n_tensors, const int64_t *p_ptrs, const int64_t *g_ptrs, const int64_t *m_ptrs,
-               const int64_t *offsets, const uint8_t *codes, const double *hp_values, const int64_t *streams,
-               uint32_t k0, uint32_t k1, int nthreads) {
-    lion_hp hp = {hp_values[0], hp_values[1], hp_values[2], hp_values[3], hp_values[4], hp_values[5]};
-    task t = {.n_tensors = n_tensors, .p_ptrs = p_ptrs, .g_ptrs = g_ptrs, .m_ptrs = m_ptrs, .offsets = offsets,
-              .codes = codes, .fn = lion_range, .hp = &hp, .streams = streams, .k0 = k0, .k1 = k1};
-    if (n_tensors > 0) run_parallel(&t, nthreads);
+static void step_range(const task *t, int64_t k, int64_t i0, int64_t i1) {
+    const uint8_t code = t->codes[k] & 63;
+    const tensor_view a = {
+        .p = (void *)t->p_ptrs[k],
+        .g = (const void *)t->g_ptrs[k],
+        .m = (void *)t->m_ptrs[k],
+        .c = t->c_ptrs != NULL ? (void *)t->c_ptrs[k] : NULL,
+        .ns = stream_of(t->streams, 3, k, t->k0, t->k1, 0),
+    };
+    SEGMENTS[write_mode(t, k, code & 3, t->streams != NULL)][code](&a, i0, i1, t->hp);
 }
 
 static void int8_range(const task *t, int64_t k, int64_t i0, int64_t i1) {
-    const int64_t *stream = t->streams + 4 * k;
-    const q8_tensor a = {
+    const uint8_t code = t->codes[k] & 15;
+    const tensor_view a = {
         .p = (void *)t->p_ptrs[k],
         .g = (const void *)t->g_ptrs[k],
-        .q = (int8_t *)t->m_ptrs[k],
+        .m = (void *)t->m_ptrs[k],
+        .c = t->c_ptrs != NULL ? (void *)t->c_ptrs[k] : NULL,
         .s = (float *)t->s_ptrs[k],
         .row = t->blocks[2 * k],
         .block = t->blocks[2 * k + 1],
-        .ns = {t->k0, t->k1, (uint32_t)stream[0], (uint32_t)stream[2], stream[1]},
-        .qs = {t->qk0, t->qk1, (uint32_t)stream[0], (uint32_t)stream[3], stream[1]},
+        .ns = stream_of(t->streams, 4, k, t->k0, t->k1, 0),
+        .qs = stream_of(t->streams, 4, k, t->qk0, t->qk1, 1),
     };
-    Q8_SEGMENTS[t->param_sr != 0][t->quant_sr != 0][t->codes[k] & 15](&a, i0, i1, t->hp);
+    Q8_SEGMENTS[write_mode(t, k, code & 3, t->param_sr)][t->quant_sr != 0][code](&a, i0, i1, t->hp);
 }
 
-/* lion_dist.spec.sr_noise of elements base .. base + n - 1 of one stream, into out (n int32 in [0, 65536)): for the
- * foreach backend's requantization on CPU, where the spec's torch Philox costs about a microsecond per element. */
+static void direction_range(const task *t, int64_t k, int64_t i0, int64_t i1) {
+    const tensor_view a = {.g = (const void *)t->g_ptrs[k], .m = (void *)t->m_ptrs[k], .u = (void *)t->u_ptrs[k]};
+    DIRECTIONS[t->codes[k] & 63](&a, i0, i1, t->hp);
+}
+
+static void apply_range(const task *t, int64_t k, int64_t i0, int64_t i1) {
+    const uint8_t code = t->codes[k] & 15;
+    const tensor_view a = {
+        .p = (void *)t->p_ptrs[k],
+        .u = (void *)t->u_ptrs[k],
+        .c = t->c_ptrs != NULL ? (void *)t->c_ptrs[k] : NULL,
+        .ns = stream_of(t->streams, 3, k, t->k0, t->k1, 0),
+    };
+    APPLIES[write_mode(t, k, code & 3, t->streams != NULL)][code](&a, i0, i1, t->hp);
+}
+
+static lion_hp hp_of(const double *v) { return (lion_hp){v[0], v[1], v[2], v[3], v[4], v[5]}; }
+
+int lion_abi_version(void) { return LION_ABI; }
+
+/* Which Philox implementation the build took: "avx512", "avx2" or "portable" (philox.h). */
+const char *lion_philox_impl(void) { return PHILOX_IMPL; }
+
+/* Whether a loop exists for dtype code `code` of kind: 0 lion_step, 1 lion_step with compensation, 2
+ * lion_step_int8, 3 lion_step_int8 with compensation, 4 lion_direction, 5 lion_apply, 6 lion_apply with
+ * compensation. The caller checks every code it can send once, when it loads the library. */
+int lion_has_loop(int kind, int code) {
+    if (code < 0 || code >= 64) return 0;
+    switch (kind) {
+    case 0: return SEGMENTS[NEAREST][code] != NULL;
+    case 1: return SEGMENTS[KAHAN][code] != NULL;
+    case 2: return code < 16 && Q8_SEGMENTS[NEAREST][0][code] != NULL;
+    case 3: return code < 16 && Q8_SEGMENTS[KAHAN][0][code] != NULL;
+    case 4: return DIRECTIONS[code] != NULL;
+    case 5: return code < 16 && APPLIES[NEAREST][code] != NULL;
+    case 6: return code < 16 && APPLIES[KAHAN][code] != NULL;
+    default: return 0;
+    }
+}
+
+/* One Lion step over n_tensors tensors. offsets: n_tensors + 1 prefix sums of their element counts. codes:
+ * param | grad << 2 | momentum << 4. c_ptrs: per tensor its Kahan compensation buffer (the param's dtype, bf16
+ * or fp16) or 0; NULL when no tensor has one. hp: beta1, 1 - beta1, beta2, 1 - beta2, -lr, 1 - lr * wd (1 when
+ * wd == 0), in double (the fp32 loops round each once); maximize passes -(1 - beta1) and -(1 - beta2), which is
+ * exactly the reference's negated gradient. streams != NULL: stochastic rounding of bf16 params with key
+ * (k0, k1) and, per tensor, (param id, base, shard); the noise is a function of those and the element index
+ * only, so any thread count gives the same result. */
+void lion_step(int64_t n_tensors, const int64_t *p_ptrs, const int64_t *g_ptrs, const int64_t *m_ptrs,
+               const int64_t *c_ptrs, const int64_t *offsets, const uint8_t *codes, const double *hp_values,
+               const int64_t *streams, uint32_t k0, uint32_t k1, int nthreads) {
+    const lion_hp hp = hp_of(hp_values);
+    task t = {.n_tensors = n_tensors, .p_ptrs = p_ptrs, .g_ptrs = g_ptrs, .m_ptrs = m_ptrs, .c_ptrs = c_ptrs,
+              .offsets = offsets, .codes = codes, .fn = step_range, .hp = &hp, .streams = streams, .k0 = k0,
+              .k1 = k1};
+    if (n_tensors > 0) run_parallel(&t, nthreads);
+}
+
+/* One Lion step over n_tensors tensors with int8 momentum: q_ptrs and s_ptrs their codes (int8, numel elements)
+ * and scales (fp32, one per block of each row, rows * ceil(row / block)); c_ptrs as lion_step; blocks: per
+ * tensor, the row length (the last dim; 1-D tensors are one row) and the block, 1 <= block <= MAX_INT8_BLOCK;
+ * codes: param | grad << 2; hp as lion_step; streams: per tensor, param id, base, shard and the momentum's shard
+ * (the param's with spec.MOMENTUM_STREAM); param_sr: stochastic rounding of bf16 params with key (k0, k1);
+ * quant_sr: stochastic requantization with key (qk0, qk1), else to nearest. Any thread count gives the same
+ * result. */
+void lion_step_int8(int64_t n_tensors, const int64_t *p_ptrs, const int64_t *g_ptrs, const int64_t *q_ptrs,
+                    const int64_t *s_ptrs, const int64_t *c_ptrs, const int64_t *offsets, const uint8_t *codes,
+                    const int64_t *blocks, const double *hp_values, const int64_t *streams, int param_sr,
+                    uint32_t k0, uint32_t k1, int quant_sr, uint32_t qk0, uint32_t qk1, int nthreads) {
+    const lion_hp hp = hp_of(hp_values);
+    task t = {.n_tensors = n_tensors, .p_ptrs = p_ptrs, .g_ptrs = g_ptrs, .m_ptrs = q_ptrs, .c_ptrs = c_ptrs,
+              .offsets = offsets, .codes = codes, .fn = int8_range, .hp = &hp, .streams = streams, .k0 = k0,
+              .k1 = k1, .s_ptrs = s_ptrs, .blocks = blocks, .param_sr = param_sr, .quant_sr = quant_sr,
+              .qk0 = qk0, .qk1 = qk1};
+    if (n_tensors > 0) run_parallel(&t, nthreads);
+}
+
+/* The first half of a split step over n_tensors tensors (codes as lion_step): per tensor, the sign of
+ * b1 m + (1 - b1) g into d_ptrs[k] (int8; fp64 tensors: double, sign(c) + 0 * c), each momentum advanced. */
+void lion_direction(int64_t n_tensors, const int64_t *g_ptrs, const int64_t *m_ptrs, const int64_t *d_ptrs,
+                    const int64_t *offsets, const uint8_t *codes, const double *hp_values, int nthreads) {
+    const lion_hp hp = hp_of(hp_values);
+    task t = {.n_tensors = n_tensors, .g_ptrs = g_ptrs, .m_ptrs = m_ptrs, .u_ptrs = d_ptrs, .offsets = offsets,
+              .codes = codes, .fn = direction_range, .hp = &hp};
+    if (n_tensors > 0) run_parallel(&t, nthreads);
+}
+
+/* The second half: p <- p (1 - lr wd) - lr u with the directions u_ptrs[k] (fp32, or fp64 for fp64 params);
+ * codes: param | direction << 2; c_ptrs, hp (only -lr and the decay are read), streams, k0, k1 as lion_step. */
+void lion_apply(int64_t n_tensors, const int64_t *p_ptrs, const int64_t *u_ptrs, const int64_t *c_ptrs,
+                const int64_t *offsets, const uint8_t *codes, const double *hp_values, const int64_t *streams,
+                uint32_t k0, uint32_t k1, int nthreads) {
+    const lion_hp hp = hp_of(hp_values);
+    task t = {.n_tensors = n_tensors, .p_ptrs = p_ptrs, .u_ptrs = u_ptrs, .c_ptrs = c_ptrs, .offsets = offsets,
+              .codes = codes, .fn = apply_range, .hp = &hp, .streams = streams, .k0 = k0, .k1 = k1};
+    if (n_tensors > 0) run_parallel(&t, nthreads);
+}
+
+/* lion_dist.spec.sr_noise of elements base .. base + n - 1 of one stream, into out (n int32 in [0, 65536)): for
+ * torch backends' requantization on CPU, where the spec's torch Philox costs about a microsecond per element. */
 void lion_sr_noise(int64_t n, int32_t *out, uint32_t k0, uint32_t k1, uint32_t param_id, int64_t base,
                    uint32_t shard) {
     const noise_stream s = {k0, k1, param_id, shard, base};
-    uint32_t chunk[MAX_INT8_BLOCK + 16];
-    for (int64_t i = 0; i < n; i += MAX_INT8_BLOCK) {
-        const int64_t len = n - i < MAX_INT8_BLOCK ? n - i : MAX_INT8_BLOCK;
+    uint16_t chunk[NOISE_TILE + NOISE_PAD] __attribute__((aligned(64)));
+    for (int64_t i = 0; i < n; i += NOISE_TILE) {
+        const int64_t len = n - i < NOISE_TILE ? n - i : NOISE_TILE;
         const int64_t off = fill_noise(chunk, &s, base + i, len);
         for (int64_t j = 0; j < len; j++) out[i + j] = (int32_t)chunk[off + j];
     }
 }
 
-/* The largest block lion_step_int8 takes, and whether dtype code `code` (param | grad << 2) has a loop. */
+/* The largest block lion_step_int8 takes. */
 int lion_int8_max_block(void) { return MAX_INT8_BLOCK; }
-int lion_int8_supports(int code) { return code >= 0 && code < 16 && Q8_SEGMENTS[0][0][code] != NULL; }
-
-/* One Lion step over n_tensors tensors with int8 momentum: q_ptrs and s_ptrs their codes (int8, numel elements)
- * and scales (fp32, one per block of each row, rows * ceil(row / block)); blocks: per tensor, the row length
- * (the last dim; 1-D tensors are one row) and the block, 1 <= block <= MAX_INT8_BLOCK; codes: param | grad << 2;
- * hp as lion_step; streams: per tensor, param id, base, shard and the momentum's shard (the param's with
- * spec.MOMENTUM_STREAM); param_sr: stochastic rounding of bf16 params with key (k0, k1); quant_sr: stochastic
- * requantization with key (qk0, qk1), else to nearest. Any thread count gives the same result. */
-void lion_step_int8(int64_t n_tensors, const int64_t *p_ptrs, const int64_t *g_ptrs, const int64_t *q_ptrs,
-                    const int64_t *s_ptrs, const int64_t *offsets, const uint8_t *codes, const int64_t *blocks,
-                    const double *hp_values, const int64_t *streams, int param_sr, uint32_t k0, uint32_t k1,
-                    int quant_sr, uint32_t qk0, uint32_t qk1, int nthreads) {
-    lion_hp hp = {hp_values[0], hp_values[1], hp_values[2], hp_values[3], hp_values[4], hp_values[5]};
-    task t = {.n_tensors = n_tensors, .p_ptrs = p_ptrs, .g_ptrs = g_ptrs, .m_ptrs = q_ptrs, .offsets = offsets,
-              .codes = codes, .fn = int8_range, .hp = &hp, .streams = streams, .k0 = k0, .k1 = k1,
-              .s_ptrs = s_ptrs, .blocks = blocks, .param_sr = param_sr, .quant_sr = quant_sr, .qk0 = qk0,
-              .qk1 = qk1};
-    if (n_tensors > 0) run_parallel(&t, nthreads);
-}
 
 /* Does each tensor hold a NaN or an Inf? flags[k] is set to 1 if so (the caller zeroes it); codes: 0 fp32,
  * 1 bf16. */
@@ -512,3 +496,5 @@ void lion_nonfinite(int64_t n_tensors, const int64_t *ptrs, const int64_t *numel
               .fn = nonfinite_range, .flags = flags};
     if (n_tensors > 0) run_parallel(&t, nthreads);
 }
+
+_Static_assert(NOISE_TILE <= MAX_INT8_BLOCK, "an int8 noise window holds max(NOISE_TILE, block) elements");
