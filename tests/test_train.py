@@ -25,8 +25,8 @@ from lion_dist import checkpoint, distributed_lion
 from lion_dist.train import cli, config
 from lion_dist.train.config import OPTIMIZER_DEFAULTS, GPTConfig, TrainConfig, resolve_hyperparams
 from lion_dist.train.data import eval_batches, load_corpus, train_batches
-from lion_dist.train.loop import OPTIMIZERS, lr_at
 from lion_dist.train.model import GPT
+from lion_dist.train.optimizers import OPTIMIZERS, lr_at
 
 pytestmark = pytest.mark.slow
 

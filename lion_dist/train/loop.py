@@ -20,15 +20,13 @@ from __future__ import annotations
 import gc
 import hashlib
 import json
-import math
 import os
 import resource
 import shutil
 import socket
 import time
-from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -44,7 +42,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.optim import Optimizer
 from tqdm import tqdm
 
-from lion_dist import Lion, checkpoint, layouts
+from lion_dist import checkpoint, layouts
 from lion_dist.distributed_lion import (
     OVERLAP_BUCKET,
     DistributedLion,
@@ -58,74 +56,15 @@ from lion_dist.train.config import (
     Layout,
     TrainConfig,
     check_out_dir,
-    default_warmup_steps,
     layout,
     resolve_hyperparams,
     validate,
 )
 from lion_dist.train.data import Corpus, eval_batches, load_corpus, train_batches
 from lion_dist.train.model import GPT
+from lion_dist.train.optimizers import OPTIMIZERS, lr_at, param_groups
 from lion_dist.train.plot import plot_runs, read_metrics
-
-
-@dataclass(frozen=True)
-class OptimizerSpec:
-    """How to build one optimizer of `config.OPTIMIZER_DEFAULTS`, and how to count its state bytes on this rank."""
-
-    build: Callable[[list[dict[str, Any]], float, float, tuple[float, float], TrainConfig], Optimizer]
-    state_bytes: Callable[[Optimizer], int]
-
-
-def _tensor_state_bytes(optimizer: Optimizer) -> int:
-    """Bytes of every tensor in the optimizer's state on this rank (local shards only)."""
-    return sum(
-        layouts.local(v).numel() * v.element_size()
-        for state in optimizer.state.values()
-        for v in state.values()
-        if isinstance(v, torch.Tensor)
-    )
-
-
-OPTIMIZERS: dict[str, OptimizerSpec] = {
-    "lion": OptimizerSpec(
-        build=lambda groups, lr, wd, betas, cfg: Lion(
-            groups,
-            lr=lr,
-            betas=betas,
-            weight_decay=wd,
-            momentum_dtype=cfg.momentum_dtype,
-            int8_block_size=cfg.int8_block_size,
-            int8_rounding=cfg.int8_rounding,
-            stochastic_rounding=cfg.bf16_update == "stochastic",
-            compensation=cfg.bf16_update == "compensation",
-            micro_batch_size=cfg.micro_batch_size,
-            grad_accum_steps=cfg.grad_accum,
-        ),
-        state_bytes=lambda opt: opt.state_bytes(),
-    ),
-    "adamw": OptimizerSpec(
-        build=lambda groups, lr, wd, betas, cfg: torch.optim.AdamW(groups, lr=lr, betas=betas, weight_decay=wd),
-        state_bytes=_tensor_state_bytes,
-    ),
-}
-
-
-def lr_at(step: int, lr: float, cfg: TrainConfig) -> float:
-    """Linear warmup to `lr` over the warmup steps, then cosine decay to `lr * min_lr_ratio` at `cfg.steps`."""
-    warmup = default_warmup_steps(cfg.steps) if cfg.warmup_steps is None else cfg.warmup_steps
-    if step <= warmup:
-        return lr * step / warmup
-    progress = (step - warmup) / max(cfg.steps - warmup, 1)
-    return lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
-
-
-def _param_groups(model: nn.Module, wd: float) -> list[dict[str, Any]]:
-    """Weight decay on matrices and embeddings only, not on biases and norm scales (GPT-2 practice)."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    return [
-        {"params": [p for p in params if p.ndim >= 2], "weight_decay": wd},
-        {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
-    ]
+from lion_dist.train.report import exchange_words, format_summary
 
 
 def _peak_memory_bytes(device: torch.device) -> int:
@@ -162,7 +101,7 @@ class _Run:
         self.mesh = self._distribute()  # run_worker frees its process groups at the end (`close_process_groups`)
         self.counter = CollectiveCounter(node_of_ranks())
         self.link = LinkCounter(cfg.link_iface) if cfg.link_iface else None
-        groups = _param_groups(self.model, self.wd)
+        groups = param_groups(self.model, self.wd)
         if cfg.distributed_lion:
             self.optimizer: Optimizer = DistributedLion(
                 groups,
@@ -377,7 +316,7 @@ class _Run:
             f"{len(self.corpus.val):,} val chars, vocab {self.corpus.vocab_size})"
         )
         if cfg.distributed_lion:
-            self.print(_exchange_words(self.exchange()))
+            self.print(exchange_words(self.exchange()))
         if start == 0:
             last_eval = (0, self.evaluate())
             self.log({"kind": "val", "step": 0, "val_loss": last_eval[1]})
@@ -548,74 +487,6 @@ class _Run:
                 layouts.local(p).detach().to("cpu", copy=True).contiguous().view(torch.uint8).numpy().tobytes()
             )
         return digest.hexdigest()
-
-
-def format_summary(s: dict[str, Any], out: Path) -> str:
-    """The human-readable end-of-run report."""
-    mib = 1 << 20
-    if s["step"] < s["steps"]:
-        head = f"stopped at step {s['step']} of {s['steps']} (--stop-at); continue with the same flags plus --resume"
-    else:
-        head = f"done: {s['steps']} steps of {s['optimizer']}"
-        if s["distributed_lion"]:
-            head += f" (Distributed Lion, {s['distributed_lion']['aggregate']})"
-    tok = "n/a (nothing trained)" if s["tokens_per_s"] is None else f"{s['tokens_per_s']:,.0f} tokens/s"
-    lines = [
-        "",
-        head,
-        f"  val loss         {s['final_val_loss']:.4f} ({s['final_val_loss'] / math.log(2):.3f} bits per char)",
-        f"  throughput       {tok} over {s['world_size']} rank{'s' if s['world_size'] > 1 else ''} ({s['device']})",
-        f"  optimizer state  {', '.join(f'{b:,}' for b in s['optimizer_state_bytes_per_rank'])} bytes per rank "
-        f"({s['n_params']:,} params)",
-        f"  peak memory      {', '.join(f'{m / mib:,.0f}' for m in s['peak_memory_bytes_per_rank'])} MiB per rank "
-        f"({s['peak_memory_kind']})",
-        f"  outputs          {out / 'metrics.jsonl'}, {out / 'loss.png'}, {out / 'summary.json'}",
-        f"  checkpoint       {s['checkpoint'] or 'none (this layout saves none yet)'}",
-        f"  layout           {s['layout']['words']}",
-        f"  communication    {_comm_words(s['comm'])}",
-    ]
-    if s["distributed_lion"]:
-        lines.append(f"  exchange         {_exchange_words(s['distributed_lion'])}")
-    lay = s["layout"]
-    if lay["replicas"] > 1:
-        same = "bit-identical" if lay["replicas_identical"] else "DIFFERENT (a bug: please report it)"
-        digests = lay["param_sha256_per_rank"]
-        where = (
-            f"on all {len(digests)} ranks"
-            if lay["shards"] == 1
-            else f"across the {lay['replicas']} replicas, shard by shard ({lay['shards']} shards each)"
-        )
-        lines.append(f"  replicas         params {same} {where}")
-    for i, sample in enumerate(s["samples"]):
-        lines += [f"--- sample {i + 1} (prompt, then generated) ---", sample["prompt"] + sample["continuation"]]
-    return "\n".join(lines)
-
-
-def _exchange_words(exchange: dict[str, Any]) -> str:
-    if exchange["replicas"] == 1:
-        return "1 replica: nothing to exchange, each step is plain Lion's"
-    sent, fp32 = exchange["bytes_sent_per_worker_per_step"], exchange["fp32_all_reduce_bytes_per_worker_per_step"]
-    how = "an all-gather of packed sign bits" if exchange["transport"] == "gather" else "an all-reduce of integer votes"
-    return (
-        f"{exchange['replicas']} replicas apply the {exchange['aggregate']} of their signs: {sent:,} bytes sent per "
-        f"worker per step ({how}), {fp32 / sent:.0f}x fewer than an fp32 gradient all-reduce's {fp32:,}"
-    )
-
-
-def _comm_words(comm: dict[str, Any]) -> str:
-    if not comm["steps"]:
-        return "n/a (nothing trained)"
-    sent, link = comm["bytes_sent_per_rank_per_step"], comm["link_bytes_sent_per_rank_per_step"]
-    words = (
-        f"{max(sent):,.0f} bytes sent per rank per step in {comm['collectives_per_step']:.0f} collectives (ring "
-        f"count, the largest rank's); to other nodes {max(link):,.0f}"
-    )
-    if comm["nodes"] > 1:
-        words += f" (per node: {', '.join(f'{b:,.0f}' for b in comm['link_bytes_sent_per_node_per_step'])})"
-    if comm["link_tx_bytes_per_node_per_step"]:
-        tx = ", ".join(f"{b:,.0f}" for b in comm["link_tx_bytes_per_node_per_step"])
-        words += f"; {comm['link_iface']} counted {tx} bytes sent per node per step"
-    return words
 
 
 def _layout_key(mode: str, replicas: int) -> list[Any]:
