@@ -49,6 +49,10 @@ def _worker(
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
+    # Done and saved: leave without interpreter finalization. Meshes the function built keep gloo groups (and their
+    # worker threads) alive to the end, and a worker thread ended by finalization aborts the process ("terminate
+    # called without an active exception", issue 14; the job itself frees them: `loop.close_process_groups`).
+    os._exit(0)
 
 
 def spawn(

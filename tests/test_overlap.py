@@ -22,7 +22,8 @@ pytestmark = pytest.mark.slow
 STEPS = 3
 
 
-def _train(rank: int, world: int, shards: int, bucket: int | None) -> dict:
+def _two_level(world: int, shards: int, bucket: int | None):
+    """The main job's GPT sharded with FSDP2 inside each replica, and Distributed Lion over the replicas."""
     mesh = init_device_mesh("cpu", (world // shards, shards), mesh_dim_names=("replicate", "shard"))
     torch.manual_seed(0)
     model = tiny_gpt()
@@ -37,6 +38,11 @@ def _train(rank: int, world: int, shards: int, bucket: int | None) -> dict:
         overlap_bucket_elements=bucket,
         batch_size_policy="ignore",
     )
+    return mesh, model, opt
+
+
+def _train(rank: int, world: int, shards: int, bucket: int | None) -> dict:
+    mesh, model, opt = _two_level(world, shards, bucket)
     in_step, launched_in_backward = [False], [0]
     opt.register_step_pre_hook(lambda *a: in_step.__setitem__(0, True))
     opt.register_step_post_hook(lambda *a: in_step.__setitem__(0, False))
@@ -76,20 +82,7 @@ def _resume(rank: int, world: int, directory: str, resume: bool) -> list[torch.T
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
-    mesh = init_device_mesh("cpu", (world, 1), mesh_dim_names=("replicate", "shard"))
-    torch.manual_seed(0)
-    model = tiny_gpt()
-    for block in model.blocks:
-        fully_shard(block, mesh=mesh["shard"])
-    fully_shard(model, mesh=mesh["shard"])
-    opt = DistributedLion(
-        model.parameters(),
-        lr=3e-3,
-        weight_decay=0.1,
-        process_group=mesh.get_group("replicate"),
-        overlap_bucket_elements=2048,
-        batch_size_policy="ignore",
-    )
+    _, model, opt = _two_level(world, 1, 2048)
     start = 0
     if resume:  # the load replaces the param group dicts and calls __setstate__: the hooks must follow
         model_state, optim_state = get_state_dict(model, opt)

@@ -58,6 +58,19 @@ class Capabilities:
     compensation: bool = False  # Kahan compensation of bf16/fp16 params (a buffer of the param's dtype)
 
 
+# What a backend of plain torch ops takes (foreach, reference): everything, any format through decode / encode.
+TORCH_OPS = Capabilities(
+    devices=None,
+    triples=ALL_TRIPLES,
+    any_format=True,
+    cautious=True,
+    stochastic_rounding=True,
+    strided=True,
+    split=True,
+    compensation=True,
+)
+
+
 class Need(NamedTuple):
     """What one tensor's update needs from a backend."""
 

@@ -17,19 +17,8 @@ import torch
 from torch import Tensor
 
 from lion_dist import spec
-from lion_dist.backends import ALL_TRIPLES, Backend, Capabilities, Entry, StepArgs, sr_noise
+from lion_dist.backends import TORCH_OPS, Backend, Capabilities, Entry, StepArgs, sr_noise
 from lion_dist.spec import DeviceKey, LionHyperparams
-
-CAPABILITIES = Capabilities(
-    devices=None,
-    triples=ALL_TRIPLES,
-    any_format=True,
-    cautious=True,
-    stochastic_rounding=True,
-    strided=True,
-    split=True,
-    compensation=True,
-)
 
 
 @dataclass
@@ -117,7 +106,7 @@ class ForeachBackend(Backend):
     name = "foreach"
 
     def capabilities(self) -> Capabilities:
-        return CAPABILITIES
+        return TORCH_OPS
 
     def prepare(self, entries: Sequence[Entry]) -> _Prepared:
         buckets: dict[tuple, list[int]] = defaultdict(list)

@@ -11,18 +11,7 @@ from collections.abc import Sequence
 from torch import Tensor
 
 from lion_dist import spec
-from lion_dist.backends import ALL_TRIPLES, Backend, Capabilities, Entry, StepArgs
-
-CAPABILITIES = Capabilities(
-    devices=None,
-    triples=ALL_TRIPLES,
-    any_format=True,
-    cautious=True,
-    stochastic_rounding=True,
-    strided=True,
-    split=True,
-    compensation=True,
-)
+from lion_dist.backends import TORCH_OPS, Backend, Capabilities, Entry, StepArgs
 
 
 def momentum_of(entry: Entry) -> Tensor:
@@ -43,7 +32,7 @@ class ReferenceBackend(Backend):
     name = "reference"
 
     def capabilities(self) -> Capabilities:
-        return CAPABILITIES
+        return TORCH_OPS
 
     def step(self, prepared: list[Entry], grads: Sequence[Tensor], args: StepArgs) -> None:
         if args.skipped:
