@@ -25,9 +25,16 @@ import json
 import os
 
 
+def _name(task):
+    try:
+        with open(f"/proc/self/task/{task}/comm") as f:
+            return f.read().strip()
+    except OSError:  # the thread ended between the listing and the read: not alive at exit
+        return None
+
+
 def _report_threads():
-    tasks = os.listdir("/proc/self/task")
-    names = sorted(open(f"/proc/self/task/{t}/comm").read().strip() for t in tasks)
+    names = sorted(n for n in map(_name, os.listdir("/proc/self/task")) if n is not None)
     with open(os.path.join(os.environ["LION_DIST_EXIT_TEST"], f"rank{os.environ['RANK']}.json"), "w") as f:
         json.dump(names, f)
 
