@@ -11,12 +11,12 @@ from __future__ import annotations
 import argparse
 import contextlib
 
-import torch.distributed as dist
 from torch import nn
 from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
 from toy import eval_loss, init_distributed, make_batch, make_model, micro_batch_size
 
 from lion_dist import Lion
+from lion_dist.train.loop import close_process_groups
 
 
 def main() -> None:
@@ -47,8 +47,8 @@ def main() -> None:
     last = eval_loss(model, device)
     if rank == 0:
         print(f"eval loss {first:.5f} -> {last:.5f} after {args.steps} steps on {world} ranks")
-    dist.destroy_process_group()
 
 
 if __name__ == "__main__":
     main()
+    close_process_groups()  # after main's model is gone: no gloo thread outlives the interpreter

@@ -16,16 +16,16 @@ from __future__ import annotations
 
 import argparse
 
-import torch.distributed as dist
 from torch import nn
-from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.fsdp import CPUOffloadPolicy, OffloadPolicy, fully_shard
 from toy import eval_loss, init_distributed, make_batch, make_model, micro_batch_size
 
 from lion_dist import Lion, distributed_lion
+from lion_dist.train.loop import close_process_groups
 
 
-def main() -> None:
+def main() -> DeviceMesh:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--steps", type=int, default=100)
     parser.add_argument("--global-batch", type=int, default=64, help="micro batch x grad accum x data-parallel ranks")
@@ -71,8 +71,8 @@ def main() -> None:
     last = eval_loss(model, device)
     if rank == 0:
         print(f"eval loss {first:.5f} -> {last:.5f} after {args.steps} steps on {world} ranks")
-    dist.destroy_process_group()
+    return mesh
 
 
 if __name__ == "__main__":
-    main()
+    close_process_groups(main())  # after main's model is gone: no gloo thread outlives the interpreter

@@ -28,6 +28,7 @@ from transformers import Trainer, TrainingArguments, get_cosine_schedule_with_wa
 
 import lion_dist
 import lion_dist.deepspeed
+from lion_dist.train.loop import close_process_groups
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -102,3 +103,4 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
 if __name__ == "__main__":
     main()
+    close_process_groups()  # after main's Trainer is gone: no gloo thread outlives the interpreter
