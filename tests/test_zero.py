@@ -1,4 +1,4 @@
-"""Lion under DeepSpeed ZeRO 1, 2 and 3 (CPU accelerator, 2 gloo ranks), passed to `deepspeed.initialize` as an
+"""Lion under DeepSpeed ZeRO 0, 1, 2 and 3 (CPU accelerator, 2 gloo ranks), passed to `deepspeed.initialize` as an
 object with `"zero_allow_untested_optimizer": true`.
 
 What DeepSpeed hands the optimizer: ZeRO 1/2 keep one flat fp32 partition per param group in
@@ -168,6 +168,14 @@ def _world2(rank: int, world: int, checkpoint_dir: str) -> dict:
         "e2e": {},
         "noise_bases": {},
     }
+    # Stage 0, DeepSpeed's data parallelism without partitions: Lion steps the module's own (whole) params.
+    for name in ("plain", "decay"):
+        engine, opt = _engine(0, CONFIGS[name])
+        _train(engine, 0, STEPS)
+        params = list(engine.module.parameters())
+        for i, (p, ref_p, ref_m) in enumerate(zip(params, *reference_run(CONFIGS[name]), strict=True)):
+            out["pairs"][f"zero0/{name}/{i}/param"] = (p.detach().clone(), ref_p)
+            out["pairs"][f"zero0/{name}/{i}/exp_avg"] = (opt.state[p]["exp_avg"].clone(), ref_m)
     for stage in STAGES:
         for name, config in {**CONFIGS, **CAUTIOUS_CONFIGS}.items():
             if name in ("decoupled", "cautious_wd"):
@@ -237,12 +245,14 @@ def world2() -> list[dict]:
         return spawn(_world2, 2, checkpoint_dir, env=DS_ENV)
 
 
-def test_zero_1_2_3_equal_unsharded_slices_bit_for_bit(world2) -> None:
-    """Every rank's elements of every param and of its momentum, after STEPS steps; padding stays zero."""
+def test_zero_0_1_2_3_equal_unsharded_slices_bit_for_bit(world2) -> None:
+    """Every rank's elements of every param and of its momentum, after STEPS steps; padding stays zero. The one
+    sharded == unsharded test of DeepSpeed: the entry, resume and example tests check their own concerns."""
     assert STEPS >= 10
     for result in world2:
         assert bitwise_mismatches(result["pairs"]) == []
-        assert {name.split("/")[0] for name in result["pairs"]} == {"zero1", "zero2", "zero3", "offload2", "offload3"}
+        stages = {name.split("/")[0] for name in result["pairs"]}
+        assert stages == {"zero0", "zero1", "zero2", "zero3", "offload2", "offload3"}
 
 
 def test_full_params_and_momentum_through_deepspeed_accessors(world2) -> None:
