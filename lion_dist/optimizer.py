@@ -329,6 +329,16 @@ class Lion(Optimizer):
             for gi, group in enumerate(self.param_groups)
         ]
 
+    def _bind_param(self, param: Tensor, group: dict[str, Any]) -> Bound:
+        """A split-step plan of `param` alone, from its `group` (Distributed Lion's overlap takes each param's
+        direction as its gradient is ready), kept with the groups' plans so that what drops those drops it."""
+
+        def name(_: int) -> str:
+            gi = next(i for i, g in enumerate(self.param_groups) if g is group)
+            return self._param_name(gi, next(i for i, p in enumerate(group["params"]) if p is param))
+
+        return self._plans.bind(("param", id(param)), {**group, "params": [param]}, self.state, name, split=True)
+
     @torch.compiler.disable(reason=_NOT_TRACEABLE)
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None) -> float | None:  # type: ignore[override]

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from array import array
 from collections import OrderedDict
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Hashable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from itertools import compress, repeat
@@ -137,7 +137,7 @@ class PlanCache:
     """Each group's recent plans, newest last; `bind` returns a plan for this step, building one if needed."""
 
     def __init__(self) -> None:
-        self._plans: dict[int, OrderedDict[tuple, GroupPlan]] = {}
+        self._plans: dict[Hashable, OrderedDict[tuple, GroupPlan]] = {}
 
     def clear(self) -> None:
         self._plans.clear()
@@ -147,15 +147,16 @@ class PlanCache:
 
     def bind(
         self,
-        gi: int,
+        gi: Hashable,
         group: dict[str, Any],
         state: dict[Tensor, dict[str, Any]],
         name: Callable[[int], str],
         *,
         split: bool = False,
     ) -> Bound:
-        """This step's plan of group `gi` with its gradients. `name(pi)` names param `pi` in errors; `split`:
-        the backends must have a split step (Distributed Lion)."""
+        """This step's plan of group `gi` (its index, or another key for a plan of some of its params) with its
+        gradients. `name(pi)` names param `pi` in errors; `split`: the backends must have a split step
+        (Distributed Lion)."""
         params = group["params"]
         grads = list(map(_grad, params))
         mask = None if all(map(is_not, grads, repeat(None))) else list(map(is_not, grads, repeat(None)))

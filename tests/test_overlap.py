@@ -42,15 +42,23 @@ def _two_level(world: int, shards: int, bucket: int | None):
 
 
 def _train(rank: int, world: int, shards: int, bucket: int | None) -> dict:
+    from lion_dist.backends.cpu import BACKEND as cpu_fused
+
     mesh, model, opt = _two_level(world, shards, bucket)
-    in_step, launched_in_backward = [False], [0]
+    in_step, launched_in_backward, fused_in_backward = [False], [0], [0]
     opt.register_step_pre_hook(lambda *a: in_step.__setitem__(0, True))
     opt.register_step_post_hook(lambda *a: in_step.__setitem__(0, False))
-    launch = opt.vote.launch
+    launch, direction = opt.vote.launch, cpu_fused.direction
 
     def counted(bits):
         launched_in_backward[0] += not in_step[0]
         return launch(bits)
+
+    def fused(*args):  # the overlap takes its directions from the backend step() uses: the fused C kernel here
+        fused_in_backward[0] += not in_step[0]
+        return direction(*args)
+
+    cpu_fused.direction = fused
 
     opt.vote.launch = counted
     if opt.vote.overlap is not None:
@@ -63,7 +71,12 @@ def _train(rank: int, world: int, shards: int, bucket: int | None) -> dict:
     params = [p.to_local().detach().clone() for p in model.parameters()]
     momenta = [opt.state[p]["exp_avg"].to_local().clone() for p in model.parameters()]
     dist.barrier()
-    return {"params": params, "momenta": momenta, "launched_in_backward": launched_in_backward[0]}
+    return {
+        "params": params,
+        "momenta": momenta,
+        "launched_in_backward": launched_in_backward[0],
+        "fused_in_backward": fused_in_backward[0],
+    }
 
 
 @pytest.mark.parametrize("world, shards", [(2, 1), (4, 2)], ids=["2x1", "2x2"])
@@ -73,6 +86,7 @@ def test_overlapped_votes_equal_the_one_collective_exchange(world: int, shards: 
     for a, b in zip(plain, overlapped, strict=True):
         assert_same(b["params"] + b["momenta"], a["params"] + a["momenta"])
         assert a["launched_in_backward"] == 0 and b["launched_in_backward"] >= STEPS * 2, b["launched_in_backward"]
+        assert a["fused_in_backward"] == 0 and b["fused_in_backward"] >= STEPS * len(b["params"]) // 2
     for r in range(world):  # replicas end with identical params, shard by shard
         assert_same(overlapped[r]["params"], overlapped[(r + shards) % world]["params"])
 

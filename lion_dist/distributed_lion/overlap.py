@@ -2,17 +2,18 @@
 
 FSDP2 reduce-scatters a unit's gradients when its backward is done and then runs each sharded param's
 post-accumulate-grad hooks (torch 2.11, 2.13: `register_post_accumulate_grad_hook` on the sharded param). From such
-a hook this computes the param's local direction (its momentum advanced, as `Bound.direction` would) and queues
-its votes; once a bucket holds `bucket_elements` votes, one asynchronous collective sends them, so the link works
-while earlier layers still compute. `step()` sends what is left, waits, and applies the agreed directions.
+a hook this computes the param's local direction (its momentum advanced) with `Bound.direction` on a plan of that
+param alone, so on the backend `step()` would use (the fused kernel on CPU and GPU), and queues its votes; once a
+bucket holds `bucket_elements` votes, one asynchronous collective sends them, so the link works while earlier
+layers still compute. `step()` sends what is left, waits, and applies the agreed directions.
 
-The result is the non-overlapped exchange's, bit for bit: the per-element math is the same (`spec.lion_direction`),
-each element's vote sum does not depend on how elements are bucketed, and every replica fills its buckets in the
-same order (the same model runs the same backward). FSDP2 runs the hooks only when it reduces, so with gradient
-accumulation (`set_requires_gradient_sync(False)` for all but the last micro-batch) they fire once per step.
-A param whose hook did not fire (a gradient set by hand) gets its direction at `step()`, as without overlap.
-The direction uses the gradient as backward leaves it: code that changes gradients between backward and `step()`
-(gradient clipping, whose norm needs every gradient first) must not overlap.
+The result is the non-overlapped exchange's, bit for bit: the per-element math is the same (every backend's split
+step equals `spec.lion_direction`), each element's vote sum does not depend on how elements are bucketed, and every
+replica fills its buckets in the same order (the same model runs the same backward). FSDP2 runs the hooks only when
+it reduces, so with gradient accumulation (`set_requires_gradient_sync(False)` for all but the last micro-batch)
+they fire once per step. A param whose hook did not fire (a gradient set by hand) gets its direction at `step()`,
+as without overlap. The direction uses the gradient as backward leaves it: code that changes gradients between
+backward and `step()` (gradient clipping, whose norm needs every gradient first) must not overlap.
 """
 
 from __future__ import annotations
@@ -24,27 +25,10 @@ import torch
 from torch import Tensor
 from torch.distributed.tensor import DTensor
 
-from lion_dist import formats, groups, layouts, spec
+from lion_dist import groups
+from lion_dist.backends import StepArgs
 
 Launch = Callable[[Tensor], Callable[[], Tensor]]  # votes -> (wait -> agreed directions), see `VoteExchange.launch`
-
-
-def local_direction(param: Tensor, group: dict[str, Any], state: dict[str, Any]) -> Tensor:
-    """This rank's sign of `b1 * m + (1 - b1) * g` for `param`, its momentum advanced in place (created if new):
-    the first half of a split step for one param, as the plan's `Bound.direction` computes it."""
-    layout = layouts.of(param)
-    formats.conform(param, state, group, layout, create=True)
-    fmt = formats.of_group(group).for_param(param)
-    local_state = [_real(layout.local(state[key])) for key in fmt.keys]
-    grad = _real(layout.local_grad(param, "a param"))
-    if fmt.float_dtype(param) is None:
-        raise ValueError(f"overlapped votes need a float momentum (the param's dtype, fp32 or bf16), not {fmt.name}")
-    compute = spec.math_dtype(_real(layout.local(param)).dtype)
-    return spec.lion_direction(grad, fmt.decode(local_state), groups.hyperparams(group), compute)
-
-
-def _real(t: Tensor) -> Tensor:
-    return torch.view_as_real(t) if t.is_complex() else t
 
 
 class Overlap:
@@ -82,8 +66,13 @@ class Overlap:
         self.add(param, self._group_of(param))
 
     def add(self, param: Tensor, group: dict[str, Any]) -> None:
-        direction = local_direction(param, group, self.optimizer.state[param])
+        """Compute `param`'s local direction (its momentum advanced) on the backend `step()` would use, and queue
+        its votes. An empty local shard has none (every replica holds the same shards, so all skip it alike)."""
         self.done.add(id(param))
+        bound = self.optimizer._bind_param(param, group)
+        if not bound.plan.entries:
+            return
+        (direction,) = bound.direction(StepArgs(groups.hyperparams(group)))
         self.queued.append((param, direction))
         self.queued_elements += direction.numel()
         if self.queued_elements >= self.bucket_elements:
