@@ -1,6 +1,7 @@
 """Smoke test of benchmarks/cluster.py: 2 namespace nodes x 1 worker over a 100mbit tbf link, the tiny model,
-3 steps, HSDP against two-level Distributed Lion; then a run whose job fails and a run stopped by SIGTERM, which
-must both leave no namespace behind. Skipped only where network namespaces cannot be made (not root, no `ip`).
+3 steps, HSDP against two-level Distributed Lion, and the same on 3 nodes; then a run whose job fails and a run
+stopped by SIGTERM, which must both leave no namespace behind. Skipped only where network namespaces cannot be made
+(not root, no `ip`).
 """
 
 from __future__ import annotations
@@ -19,8 +20,9 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "benchmarks" / "cluster.py"
-SMOKE = ["--nodes", "2", "--workers-per-node", "1", "--models", "tiny", "--rates", "100mbit", "--seeds", "1"]
-SMOKE += ["--steps", "3", "--layouts", "hsdp", "dlion"]
+TINY_RUN = ["--workers-per-node", "1", "--models", "tiny", "--rates", "100mbit", "--seeds", "1", "--steps", "3"]
+TINY_RUN += ["--layouts", "hsdp", "dlion"]
+SMOKE = ["--nodes", "2", *TINY_RUN]
 TIMEOUT = 300
 
 
@@ -107,6 +109,23 @@ def test_smoke_numbers_and_link_bytes(smoke) -> None:
     assert "100mbit here ~" in stdout and "between 8 x H100 nodes" in stdout
     eq = results["models"]["tiny"]["equivalence"]
     assert eq["worker_flops"] > 0
+
+
+def test_three_nodes_vote_with_an_odd_number_of_replicas(tmp_path: Path) -> None:
+    """3 nodes x 1 worker: HSDP's ring all-reduce sends 2 (N - 1) / N x 4 n bytes per rank, Distributed Lion's
+    all-gather (N - 1) x ceil(n / 8); every replica ends with the same params (ties alternate with 3 voters)."""
+    proc = start(tmp_path, "--nodes", "3", *TINY_RUN)
+    _, stderr = proc.communicate(timeout=TIMEOUT)
+    assert proc.returncode == 0, f"benchmarks/cluster.py failed ({proc.returncode}):\n{stderr[-5000:]}"
+    assert not leftovers(proc.pid)
+    runs = json.loads((tmp_path / "cluster.json").read_text())["models"]["tiny"]["rates"]["100mbit"]
+    (hsdp,), (dlion,) = runs["hsdp"], runs["dlion"]
+    n = hsdp["n_params"]
+    for run in (hsdp, dlion):
+        assert run["replicas_identical"] and len(run["param_sha256_per_rank"]) == 3
+        assert len(set(run["param_sha256_per_rank"])) == 1
+    assert hsdp["link_bytes_per_rank_per_step"] == pytest.approx(2 * 2 / 3 * 4 * n, abs=2)
+    assert dlion["link_bytes_per_rank_per_step"] == 2 * math.ceil(n / 8)
 
 
 def test_a_failed_job_leaves_no_namespace(tmp_path: Path) -> None:
