@@ -16,6 +16,7 @@ from torch.distributed.fsdp import fully_shard
 from lion_dist.distributed_lion import DistributedLion
 from tests.conftest import assert_same
 from tests.distributed import spawn
+from tests.sharding import LR, exact_grads, fsdp2_probe
 from tests.test_distributed_lion import lm_loss, markov_batch, tiny_gpt
 
 pytestmark = pytest.mark.slow
@@ -89,6 +90,35 @@ def test_overlapped_votes_equal_the_one_collective_exchange(world: int, shards: 
         assert a["fused_in_backward"] == 0 and b["fused_in_backward"] >= STEPS * len(b["params"]) // 2
     for r in range(world):  # replicas end with identical params, shard by shard
         assert_same(overlapped[r]["params"], overlapped[(r + shards) % world]["params"])
+
+
+def _probe(rank: int, world: int, bucket: int | None) -> tuple[list[torch.Tensor], bool]:
+    """`tests.sharding`'s GradProbe, 2 replicas x 2 FSDP2 shards: uneven shards, and empty ones (its (1, 4) and (1,)
+    params), each replica with gradients of its own."""
+    mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("replicate", "shard"))
+    model = fsdp2_probe(mesh["shard"])
+    opt = DistributedLion(
+        model.parameters(),
+        lr=LR,
+        process_group=mesh.get_group("replicate"),
+        overlap_bucket_elements=bucket,
+        batch_size_policy="ignore",
+    )
+    replica = mesh.get_local_rank("replicate")
+    for step in range(STEPS):
+        opt.zero_grad()
+        model(exact_grads(step + 100 * replica)).backward()
+        opt.step()
+    params = list(model.parameters())
+    local = [p.to_local().detach().clone() for p in params] + [opt.state[p]["exp_avg"].to_local() for p in params]
+    return local, any(p.to_local().numel() == 0 for p in params)
+
+
+def test_overlapped_votes_with_uneven_and_empty_shards() -> None:
+    plain, overlapped = spawn(_probe, 4, None), spawn(_probe, 4, 4)
+    assert any(empty for _, empty in overlapped)  # some rank holds an empty shard
+    for (a, _), (b, _) in zip(plain, overlapped, strict=True):
+        assert_same(b, a)
 
 
 def _resume(rank: int, world: int, directory: str, resume: bool) -> list[torch.Tensor]:
