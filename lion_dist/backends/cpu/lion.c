@@ -56,9 +56,21 @@ typedef void (*segment_fn)(const tensor_view *, int64_t, int64_t, const lion_hp 
 
 /* ------------------------------------------------------------------ float momenta */
 
-/* One loop per (param, grad, momentum) dtype and write mode W, over elements [i0, i1) of a tensor. With
- * stochastic rounding the noise of NOISE_TILE elements is drawn first (sixteen Philox counters at a time), then
- * the tile's elements run as one vectorizable loop; otherwise the whole range is one tile. */
+/* Runs the statements that follow (variadic: they may hold commas) for each tile [t, t + len) of elements [i0, i1)
+ * of tensor view `a`: with STOCHASTIC rounding a tile is NOISE_TILE elements whose noise is drawn first (sixteen
+ * Philox counters at a time; element i's is noise[off + i]), then the tile's elements run as one vectorizable loop;
+ * otherwise the whole range is one tile. */
+#define FOR_EACH_NOISE_TILE(W, a, i0, i1, ...)                                                                    \
+    uint16_t noise[(W) == STOCHASTIC ? NOISE_TILE + NOISE_PAD : 1] __attribute__((aligned(64)));                  \
+    const int64_t tile = (W) == STOCHASTIC ? NOISE_TILE : (i1) - (i0);                                            \
+    for (int64_t t = (i0); t < (i1); t += tile) {                                                                 \
+        const int64_t len = (i1) - t < tile ? (i1) - t : tile;                                                    \
+        const int64_t off = (W) == STOCHASTIC ? fill_noise(noise, &(a)->ns, (a)->ns.base + t, len) - t : 0;       \
+        (void)off;                                                                                                \
+        __VA_ARGS__                                                                                               \
+    }
+
+/* One loop per (param, grad, momentum) dtype and write mode W, over elements [i0, i1) of a tensor. */
 #define LION_SEGMENT(P, G, M, W)                                                                                  \
     static void seg_##P##_##G##_##M##_##W(const tensor_view *a, int64_t i0, int64_t i1, const lion_hp *hp) {    \
         LION_SCALARS(hp);                                                                                         \
@@ -66,14 +78,8 @@ typedef void (*segment_fn)(const tensor_view *, int64_t, int64_t, const lion_hp 
         const void *restrict g_ = a->g;                                                                           \
         void *restrict m_ = a->m;                                                                                 \
         void *restrict c_ = a->c;                                                                                 \
-        uint16_t noise[(W) == STOCHASTIC ? NOISE_TILE + NOISE_PAD : 1] __attribute__((aligned(64)));              \
         (void)c_;                                                                                                 \
-        const int64_t tile = (W) == STOCHASTIC ? NOISE_TILE : i1 - i0;                                            \
-        for (int64_t t = i0; t < i1; t += tile) {                                                                 \
-            const int64_t len = i1 - t < tile ? i1 - t : tile;                                                    \
-            /* element i's noise is noise[off + i] */                                                             \
-            const int64_t off = (W) == STOCHASTIC ? fill_noise(noise, &a->ns, a->ns.base + t, len) - t : 0;       \
-            (void)off;                                                                                            \
+        FOR_EACH_NOISE_TILE(W, a, i0, i1, {                                                                       \
             int64_t i = t;                                                                                        \
             if ((P) == BF16 && (G) == BF16 && (M) == BF16) { /* bf16 params' default: two elements per word */    \
                 for (; i + 1 < t + len; i += 2) LION_BF16_PAIR(W, p_, g_, m_, c_, i, PAIR(noise, off + i));       \
@@ -84,7 +90,7 @@ typedef void (*segment_fn)(const tensor_view *, int64_t, int64_t, const lion_hp 
                 STORE_PARAM(P, W, p_, c_, i, p_new, noise[off + i]);                                              \
                 STORE(M, m_, i, m_new);                                                                           \
             }                                                                                                     \
-        }                                                                                                         \
+        })                                                                                                        \
     }
 
 /* fp64 params, grads and momenta: the same update in double. */
@@ -164,20 +170,14 @@ static void dir_f64(const tensor_view *a, int64_t i0, int64_t i1, const lion_hp 
         void *restrict p_ = a->p;                                                                                 \
         void *restrict c_ = a->c;                                                                                 \
         const float *restrict u_ = (const float *)a->u;                                                           \
-        uint16_t noise[(W) == STOCHASTIC ? NOISE_TILE + NOISE_PAD : 1] __attribute__((aligned(64)));              \
         (void)c_;                                                                                                 \
-        const int64_t tile = (W) == STOCHASTIC ? NOISE_TILE : i1 - i0;                                            \
-        for (int64_t t = i0; t < i1; t += tile) {                                                                 \
-            const int64_t len = i1 - t < tile ? i1 - t : tile;                                                    \
-            /* element i's noise is noise[off + i] */                                                             \
-            const int64_t off = (W) == STOCHASTIC ? fill_noise(noise, &a->ns, a->ns.base + t, len) - t : 0;       \
-            (void)off;                                                                                            \
+        FOR_EACH_NOISE_TILE(W, a, i0, i1, {                                                                       \
             for (int64_t i = t; i < t + len; i++) {                                                               \
                 const float p = LOAD_PARAM(P, W, p_, c_, i);                                                      \
                 const float p_new = fmaf(u_[i], neg_lr, has_decay ? p * decay : p);                               \
-                STORE_PARAM(P, W, p_, c_, i, p_new, noise[off + i]);                                                       \
+                STORE_PARAM(P, W, p_, c_, i, p_new, noise[off + i]);                                              \
             }                                                                                                     \
-        }                                                                                                         \
+        })                                                                                                        \
     }
 
 /* fp64 params with an fp64 direction: in double. */
